@@ -1,0 +1,30 @@
+"""fish-peft: sparse fine-tuning (FISH masks) as a Hugging Face PEFT method.
+
+Importing this package registers the method with PEFT, so `get_peft_model(model, FishConfig(...))` and
+`PeftModel.from_pretrained(model, path)` work for FISH adapters.
+"""
+
+from ._registration import register as _register
+from .config import FishConfig
+from .fisher import compute_fisher
+from .layer import FishLayer
+from .masks import FishMask
+from .model import FishModel
+from .selection import compute_fisher_mask, magnitude_mask, random_mask
+from .validation import AdapterFileError
+
+_register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "FishConfig",
+    "FishLayer",
+    "FishMask",
+    "FishModel",
+    "compute_fisher",
+    "compute_fisher_mask",
+    "magnitude_mask",
+    "random_mask",
+]

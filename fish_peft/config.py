@@ -1,0 +1,91 @@
+"""`FishConfig`: the PEFT config of a sparse-diff adapter."""
+
+from __future__ import annotations
+
+from dataclasses import InitVar, dataclass, field
+from typing import Optional, Union
+
+import torch
+from peft.config import PeftConfig
+
+from ._registration import FISH_PEFT_TYPE
+from .masks import FishMask
+
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class FishConfig(PeftConfig):
+    """Configuration of a FISH sparse-diff adapter.
+
+    Pass the `mask` (a `FishMask` from `compute_fisher_mask`, `random_mask` or `magnitude_mask`); the config keeps
+    only its per-parameter counts and shapes, which is what `adapter_config.json` needs so that loading can
+    pre-allocate the adapter and refuse a base model of another shape. The indices themselves travel in
+    `adapter_model.safetensors`.
+
+    Args:
+        mask: the entries the adapter may change (needed to create an adapter, not to load one).
+        modules_to_save: modules trained in full and saved with the adapter (the task head). Defaults to the head
+            the mask's budget was drawn for.
+        save_dtype: dtype of the values in `adapter_model.safetensors` ("float32", "float16" or "bfloat16"); `None`
+            keeps the training dtype (float32). Training always happens on float32 values.
+    """
+
+    mask: InitVar[Optional[FishMask]] = None
+    sparse_parameters: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Number of trainable entries per parameter name (from the mask)."}
+    )
+    parameter_shapes: dict[str, list[int]] = field(
+        default_factory=dict, metadata={"help": "Shape of every adapted parameter of the base model."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. the classifier)."}
+    )
+    save_dtype: Optional[str] = field(
+        default=None, metadata={"help": "dtype of saved values: float32, float16 or bfloat16 (None: float32)."}
+    )
+    mask_info: dict = field(default_factory=dict, metadata={"help": "How the mask was chosen (method, keep ratio)."})
+    # PEFT's injection code reads `target_modules`; FISH targets exactly the modules owning `sparse_parameters`.
+    target_modules: Optional[Union[list[str], str]] = field(default=None, repr=False)
+
+    def __post_init__(self, mask: Optional[FishMask]):
+        super().__post_init__()
+        self.peft_type = FISH_PEFT_TYPE
+        self.target_modules = None
+        self.mask = mask
+        if mask is not None:
+            if not isinstance(mask, FishMask):
+                raise TypeError(
+                    f"FishConfig(mask=...) expects a FishMask (from compute_fisher_mask, random_mask or "
+                    f"magnitude_mask), got {type(mask).__name__}."
+                )
+            self.sparse_parameters = mask.counts()
+            self.parameter_shapes = {name: list(shape) for name, shape in mask.shapes.items()}
+            self.mask_info = dict(mask.info)
+            if self.modules_to_save is None and mask.modules_to_save:
+                self.modules_to_save = list(mask.modules_to_save)
+        if not self.sparse_parameters:
+            raise ValueError(
+                "FishConfig needs a mask: compute one with `compute_fisher_mask(model, dataloader, keep_ratio=...)` "
+                "(or `random_mask` / `magnitude_mask`) and pass `FishConfig(mask=mask)`."
+            )
+        for name, count in self.sparse_parameters.items():
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"FishConfig: the count for '{name}' must be a positive integer, got {count!r}.")
+            if name not in self.parameter_shapes:
+                raise ValueError(f"FishConfig: no shape recorded for '{name}'; rebuild the config from its mask.")
+        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"FishConfig: save_dtype must be one of {sorted(SAVE_DTYPES)} or None, got {self.save_dtype!r}.")
+
+    def module_parameters(self) -> dict[str, list[str]]:
+        """Adapted parameters grouped by the module that owns them: {module name: [parameter attribute names]}."""
+        grouped: dict[str, list[str]] = {}
+        for name in self.sparse_parameters:
+            module, _, attr = name.rpartition(".")
+            grouped.setdefault(module, []).append(attr)
+        return grouped
+
+    @property
+    def num_sparse_values(self) -> int:
+        """Total number of trainable values of the sparse diff (the head not included)."""
+        return sum(self.sparse_parameters.values())

@@ -1,0 +1,178 @@
+"""Sparse-diff tuner layers: a module's parameters plus, per adapter, a few values at a few flat indices."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.func import functional_call
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 indices (4 bytes) wherever they fit, which is every parameter below 2**31 entries."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+class FishLayer(nn.Module, BaseTunerLayer):
+    """Wraps any module and adds sparse diffs Δ to its own parameters: the forward runs with W + Δ.
+
+    Per adapter and adapted parameter it holds a trainable 1-D tensor of values (`fish_values[adapter][param]`)
+    and a non-trainable buffer of sorted flat indices (`fish_indices[adapter][param]`). The base parameters stay
+    frozen, so optimizer state is proportional to the number of values. Works for Linear, Embedding, GPT-2 Conv1D,
+    LayerNorm/RMSNorm and any module whose direct parameters the mask names, because the forward is the wrapped
+    module's own forward called with substituted parameters.
+    """
+
+    adapter_layer_names = ("fish_values",)
+    other_param_names = ("fish_indices",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: dict[str, torch.Tensor]):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fish_values = nn.ModuleDict()
+        self.fish_indices = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, indices)
+
+    def __getattr__(self, name: str) -> Any:
+        """Expose the wrapped module's attributes (e.g. `eps`, `padding_idx`) as LoRA layers do for Linear."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def update_layer(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
+        """Add adapter `adapter_name` with zero-initialised values at `indices` ({param attribute: flat indices})."""
+        base = self.get_base_layer()
+        own = dict(base.named_parameters(recurse=False))
+        values, buffers = {}, {}
+        for param_name, idx in indices.items():
+            if param_name not in own:
+                raise ValueError(f"{type(base).__name__} has no parameter '{param_name}' of its own to adapt.")
+            weight = own[param_name]
+            values[param_name] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
+            buffers[param_name] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
+        self.fish_values[adapter_name] = nn.ParameterDict(values)
+        self.fish_indices[adapter_name] = BufferDict(buffers, persistent=True)
+        self.set_adapter(self.active_adapters)
+
+    def adapted_parameters(self, adapter_name: str) -> list[str]:
+        return list(self.fish_values[adapter_name].keys()) if adapter_name in self.fish_values else []
+
+    def effective_parameters(self) -> dict[str, torch.Tensor]:
+        """W + Σ Δ over the active adapters, for every parameter an active adapter touches."""
+        base = self.get_base_layer()
+        effective: dict[str, torch.Tensor] = {}
+        for adapter_name in self.active_adapters:
+            for param_name in self.adapted_parameters(adapter_name):
+                weight = getattr(base, param_name)
+                flat = effective.get(param_name, weight.reshape(-1))
+                values = self.fish_values[adapter_name][param_name].to(weight.dtype)
+                effective[param_name] = flat.index_add(0, self.fish_indices[adapter_name][param_name], values)
+        return {name: flat.view_as(getattr(base, name)) for name, flat in effective.items()}
+
+    def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The dense Δ of every parameter adapter `adapter_name` touches."""
+        base = self.get_base_layer()
+        deltas = {}
+        for param_name in self.adapted_parameters(adapter_name):
+            weight = getattr(base, param_name)
+            delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
+            delta[self.fish_indices[adapter_name][param_name].long()] = (
+                self.fish_values[adapter_name][param_name].detach().to(weight.dtype)
+            )
+            deltas[param_name] = delta.view_as(weight)
+        return deltas
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write W + Δ into the base parameters. The overwritten entries are kept, so `unmerge` restores W exactly."""
+        base = self.get_base_layer()
+        for adapter_name in check_adapters_to_merge(self, adapter_names):
+            if adapter_name not in self.fish_values:
+                continue
+            backup, merged = {}, {}
+            for param_name in self.adapted_parameters(adapter_name):
+                flat = getattr(base, param_name).data.view(-1)
+                idx = self.fish_indices[adapter_name][param_name].long()
+                backup[param_name] = flat[idx].clone()
+                merged[param_name] = backup[param_name] + self.fish_values[adapter_name][param_name].detach().to(flat.dtype)
+                if safe_merge and not torch.isfinite(merged[param_name]).all():
+                    raise ValueError(f"Merging adapter '{adapter_name}' would put NaN/inf into '{param_name}'; nothing was merged.")
+            for param_name, new in merged.items():
+                getattr(base, param_name).data.view(-1)[self.fish_indices[adapter_name][param_name].long()] = new
+            self._merge_backup[adapter_name] = backup
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            for param_name, original in self._merge_backup.pop(adapter_name).items():
+                idx = self.fish_indices[adapter_name][param_name].long()
+                getattr(base, param_name).data.view(-1)[idx] = original
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        if self.disable_adapters or self.merged:
+            return self.base_layer(*args, **kwargs)
+        effective = self.effective_parameters()
+        if not effective:
+            return self.base_layer(*args, **kwargs)
+        return functional_call(self.base_layer, effective, args, kwargs)
+
+    def __repr__(self) -> str:
+        return "fish." + super().__repr__()
+
+
+class FishTiedLayer(nn.Module, BaseTunerLayer):
+    """Stands in for a module that shares a parameter with a `FishLayer`'s module (GPT-2's `lm_head` and `wte`).
+
+    The diff is applied wherever the tied weight is used, so the adapted model equals a dense model with W + Δ. The
+    values live only on the source layer (and are saved once); merging the source updates the shared tensor.
+    """
+
+    adapter_layer_names = ()
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, source: FishLayer, tied: dict[str, str]):
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "_source", source)  # not a submodule: its values must not be saved twice
+        self.tied = dict(tied)  # {this module's parameter attribute: the source's parameter attribute}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Nothing to do: the source layer's merge writes into the shared tensor."""
+
+    def unmerge(self) -> None:
+        """Nothing to do: the source layer's unmerge restores the shared tensor."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        source = self._source
+        if source.disable_adapters and source.merged:
+            source.unmerge()
+        if source.disable_adapters or source.merged:
+            return self.base_layer(*args, **kwargs)
+        effective = source.effective_parameters()
+        overrides = {mine: effective[theirs] for mine, theirs in self.tied.items() if theirs in effective}
+        if not overrides:
+            return self.base_layer(*args, **kwargs)
+        return functional_call(self.base_layer, overrides, args, kwargs)

@@ -1,0 +1,161 @@
+"""`FishModel`: the PEFT tuner that injects sparse-diff layers where the mask says."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
+from torch import nn
+
+from .config import SAVE_DTYPES, FishConfig
+from .layer import FishLayer, FishTiedLayer
+from .selection import in_modules
+from .validation import AdapterFileError, validate_adapter_state_dict
+
+
+class FishModel(BaseTuner):
+    """Adds FISH sparse diffs to a model: every module that owns a masked parameter is wrapped in a `FishLayer`.
+
+    Created by `get_peft_model(model, FishConfig(mask=...))` or `PeftModel.from_pretrained(model, path)` after
+    `import fish_peft`; merging, unloading, disabling and several adapters behave as for LoRA.
+    """
+
+    prefix: str = "fish_"
+    tuner_layer_cls = FishLayer
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config: FishConfig, model_config: dict) -> FishConfig:
+        return peft_config  # targets come from the mask, not from an architecture table
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: FishConfig, key: str) -> bool:
+        return key in peft_config.module_parameters()
+
+    def _pre_injection_hook(self, model: nn.Module, config: FishConfig, adapter_name: str) -> None:
+        """Refuse a base model that does not match the adapter before any module is replaced."""
+        check_model_matches_config(model, config)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        indices = _module_indices(peft_config, current_key, target)
+        if isinstance(target, FishLayer):
+            target.update_layer(adapter_name, indices)
+        elif isinstance(target, FishTiedLayer):
+            raise ValueError(
+                f"'{current_key}' shares its weights with another adapted module; put the shared parameter in the "
+                "mask once, under the name model.named_parameters() gives it."
+            )
+        else:
+            new_module = FishLayer(target, adapter_name, indices)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: FishConfig, adapter_name: str) -> None:
+        _wrap_tied_modules(model)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.save_dtype is None:
+            return to_return
+        dtype = SAVE_DTYPES[config.save_dtype]
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in to_return.items()}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Validate the whole adapter file before anything is copied into the model (see `validation.py`)."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            validate_adapter_state_dict(remapped, model, config, adapter_name)
+        except AdapterFileError:
+            _discard_adapter(model, adapter_name)
+            raise
+        return remapped
+
+
+def check_model_matches_config(model: nn.Module, config: FishConfig) -> None:
+    """Every adapted parameter must exist with the shape the adapter was made for, and not belong to the head."""
+    params = dict(model.named_parameters())
+    missing = [name for name in config.sparse_parameters if name not in params]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"The mask/adapter names {len(missing)} parameter(s) this model does not have ({shown}). Use the base "
+            "model the mask was computed on (see base_model_name_or_path in adapter_config.json)."
+        )
+    for name, shape in config.parameter_shapes.items():
+        if list(params[name].shape) != list(shape):
+            raise ValueError(
+                f"The adapter was made for a base model whose '{name}' has shape {list(shape)}, but this model's has "
+                f"{list(params[name].shape)}. Load the adapter onto the base model it was trained on."
+            )
+    for module_name in config.module_parameters():
+        if module_name == "":
+            raise ValueError("Parameters owned directly by the root model cannot be adapted; exclude them from the mask.")
+    heads = config.modules_to_save or []
+    in_head = [n for n in config.sparse_parameters if in_modules(n, heads)]
+    if in_head:
+        raise ValueError(
+            f"{in_head[0]} is both in the sparse mask and in modules_to_save={heads}; a head module is trained in "
+            "full, so leave it out of the mask (compute_fisher_mask does this when told the same modules_to_save)."
+        )
+    owners = set(config.module_parameters())
+    for owner in owners:
+        nested = [o for o in owners if o.startswith(owner + ".")]
+        if nested:
+            raise ValueError(
+                f"Module '{owner}' owns adapted parameters and so does its submodule '{nested[0]}'; fish-peft adapts "
+                "parameters of modules that contain no other adapted module. Exclude one of them from the mask."
+            )
+
+
+def _module_indices(config: FishConfig, module_name: str, target: nn.Module) -> dict[str, torch.Tensor]:
+    """The indices of each adapted parameter of `module_name`: from the mask, or placeholders to be loaded."""
+    indices = {}
+    for attr in config.module_parameters()[module_name]:
+        name = f"{module_name}.{attr}"
+        if config.mask is not None:
+            indices[attr] = config.mask[name]
+        else:  # loading: the real indices arrive with the adapter file and are validated there
+            indices[attr] = torch.arange(config.sparse_parameters[name])
+    return indices
+
+
+def _wrap_tied_modules(model: nn.Module) -> None:
+    """Wrap modules holding a parameter that a FishLayer's module also holds, so the diff reaches every use."""
+    owners: dict[int, tuple[FishLayer, str]] = {}
+    for module in model.modules():
+        if isinstance(module, FishLayer):
+            for param_name, param in module.get_base_layer().named_parameters(recurse=False):
+                owners[id(param)] = (module, param_name)
+    inside_tuner = {name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) or any(name.startswith(t + ".") for t in inside_tuner):
+            continue
+        tied = {}
+        sources = set()
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in owners:
+                source, source_param = owners[id(param)]
+                tied[param_name] = source_param
+                sources.add(id(source))
+        if not tied:
+            continue
+        if len(sources) > 1:
+            raise ValueError(f"'{name}' shares parameters with several adapted modules; fish-peft supports one.")
+        parent, _, target_name = _get_submodules(model, name)
+        setattr(parent, target_name, FishTiedLayer(module, source, tied))
+
+
+def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Take a half-loaded adapter out again so a failed load leaves the base model as it was."""
+    peft_config = getattr(model, "peft_config", {})
+    if adapter_name not in peft_config:
+        return
+    if len(peft_config) == 1 and hasattr(model, "base_model"):
+        model.base_model.unload()
+        for module in model.modules():
+            if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+                module.delete_adapter(adapter_name) if hasattr(module, "delete_adapter") else None
+    else:
+        model.delete_adapter(adapter_name)
+
