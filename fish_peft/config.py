@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import InitVar, dataclass, field
 from typing import Optional, Union
 
@@ -74,6 +75,8 @@ class FishConfig(PeftConfig):
                 raise ValueError(f"FishConfig: the count for '{name}' must be a positive integer, got {count!r}.")
             if name not in self.parameter_shapes:
                 raise ValueError(f"FishConfig: no shape recorded for '{name}'; rebuild the config from its mask.")
+            if count > math.prod(self.parameter_shapes[name]):
+                raise ValueError(f"FishConfig: '{name}' cannot have {count} entries, it has only {math.prod(self.parameter_shapes[name])}.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"FishConfig: save_dtype must be one of {sorted(SAVE_DTYPES)} or None, got {self.save_dtype!r}.")
 

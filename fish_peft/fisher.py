@@ -9,6 +9,7 @@ which is also available for every parameter with `vectorized=False`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Optional
 
@@ -190,6 +191,14 @@ class _FisherScorer:
                 reference = torch.zeros_like(self.scores[name])
             if total is None or (total - reference.float()).norm() > 1e-3 * reference.float().norm() + 1e-6:
                 self.vectorized_names.discard(name)
+        looped = sorted(set(self.params) - self.vectorized_names)
+        if looped:
+            warnings.warn(
+                f"{len(looped)} parameter(s) are scored one example at a time (slower) because their per-example "
+                f"gradients cannot be rebuilt from one backward pass: {', '.join(looped[:3])}"
+                + (" ..." if len(looped) > 3 else ""),
+                stacklevel=4,
+            )
         self.verified = True
 
     def _score_loop(self, example: dict, names: list[str], index: int) -> None:

@@ -9,7 +9,8 @@ from torch import nn
 from .config import SAVE_DTYPES, FishConfig
 from .layer import FishLayer, FishTiedLayer
 from .selection import in_modules
-from .validation import AdapterFileError, validate_adapter_state_dict
+from .packing import PACKED_KEYS, VALUES_KEY, pack
+from .validation import AdapterFileError, unpack_adapter_state_dict
 
 
 class FishModel(BaseTuner):
@@ -54,22 +55,45 @@ class FishModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if config.save_dtype is None:
-            return to_return
-        dtype = SAVE_DTYPES[config.save_dtype]
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in to_return.items()}
+        """The head as PEFT saves it, plus the sparse diff packed into three tensors (see `packing.py`)."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        entries, rest = {}, {}
+        for key, tensor in selected.items():
+            module, kind, attr = _split_fish_key(key, adapter_name)
+            if kind is None:
+                rest[key] = tensor
+            elif kind == "values":
+                entries.setdefault(f"{module}.{attr}", [None, None])[1] = tensor
+            else:
+                entries.setdefault(f"{module}.{attr}", [None, None])[0] = tensor
+        packed = pack({name.removeprefix("base_model.model."): tuple(pair) for name, pair in entries.items()})
+        if config.save_dtype is not None:
+            dtype = SAVE_DTYPES[config.save_dtype]
+            packed[VALUES_KEY] = packed[VALUES_KEY].to(dtype)
+            rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
+        return {**rest, **packed}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Validate the whole adapter file before anything is copied into the model (see `validation.py`)."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        """Unpack and validate the whole adapter file before anything is copied into the model."""
+        packed = {k: state_dict[k] for k in PACKED_KEYS if k in state_dict}
+        rest = {k: v for k, v in state_dict.items() if k not in PACKED_KEYS}
+        rest = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
         try:
-            validate_adapter_state_dict(remapped, model, config, adapter_name)
+            return unpack_adapter_state_dict({**rest, **packed}, set(model.state_dict()), config, adapter_name)
         except AdapterFileError:
             _discard_adapter(model, adapter_name)
             raise
-        return remapped
+
+
+def _split_fish_key(key: str, adapter_name: str):
+    """'m.fish_values.<adapter>.weight' -> ('m', 'values', 'weight'); (None, None, None) for other keys."""
+    for kind in ("values", "indices"):
+        marker = f".fish_{kind}.{adapter_name}."
+        if marker in key:
+            module, _, attr = key.partition(marker)
+            return module, kind, attr
+    return None, None, None
 
 
 def check_model_matches_config(model: nn.Module, config: FishConfig) -> None:

@@ -36,6 +36,10 @@ class EmbeddingRows:
         out = torch.zeros(self.shape, dtype=torch.float32, device=self.values.device)
         return out.index_add_(0, self.rows, self.values.pow(2))
 
+    def example_sum(self) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=torch.float32, device=self.values.device)
+        return out.index_add_(0, self.rows, self.values)
+
     def dense(self) -> torch.Tensor:
         out = torch.zeros((self.batch, *self.shape), dtype=torch.float32, device=self.values.device)
         out[self.examples, self.rows] = self.values
@@ -43,16 +47,18 @@ class EmbeddingRows:
 
 
 def square_sum(contributions: list) -> torch.Tensor:
-    """Σ_examples (Σ_calls g)² for one parameter."""
+    """Σ_examples (Σ_calls g)² for one parameter; consumes the contributions."""
     if len(contributions) == 1 and isinstance(contributions[0], EmbeddingRows):
         return contributions[0].square_sum()
-    total = sum(c.dense() if isinstance(c, EmbeddingRows) else c for c in contributions)
-    return total.pow(2).sum(0)
+    total = contributions[0].dense() if isinstance(contributions[0], EmbeddingRows) else contributions[0]
+    for c in contributions[1:]:
+        total = total + (c.dense() if isinstance(c, EmbeddingRows) else c)
+    return total.square_().sum(0)
 
 
 def example_sum(contributions: list) -> torch.Tensor:
     """Σ_examples Σ_calls g for one parameter: must equal the ordinary batch gradient."""
-    return sum((c.dense() if isinstance(c, EmbeddingRows) else c).sum(0) for c in contributions)
+    return sum(c.example_sum() if isinstance(c, EmbeddingRows) else c.sum(0) for c in contributions)
 
 
 def _first_input(args: tuple, kwargs: dict, batch: int) -> torch.Tensor:

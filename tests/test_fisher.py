@@ -1,0 +1,159 @@
+"""The vectorised Fisher equals a plain one-example-at-a-time loop over `model(**example).loss`."""
+
+import pytest
+import torch
+from torch import nn
+
+from fish_peft import compute_fisher
+from tests.models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+
+
+def reference_fisher(model, batches, weights_by_class=False):
+    """Σ_examples (∂ loss_i / ∂θ)², one example at a time, with the model's own `.loss`."""
+    model.eval()
+    scores = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for batch in batches:
+        for i in range(batch["labels"].shape[0]):
+            example = {k: v[i : i + 1] for k, v in batch.items()}
+            label_weights = [(example["labels"], 1.0)]
+            if weights_by_class:
+                with torch.no_grad():
+                    probs = torch.softmax(model(**{k: v for k, v in example.items() if k != "labels"}).logits, -1)[0]
+                label_weights = [(torch.tensor([c]), probs[c].item()) for c in range(probs.numel())]
+            for labels, weight in label_weights:
+                model.zero_grad()
+                model(**{**example, "labels": labels}).loss.backward()
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        scores[n] += weight * p.grad**2
+    return scores
+
+
+def assert_scores_close(scores, reference):
+    assert set(scores) == set(reference)
+    for name, ref in reference.items():
+        scale = ref.abs().max().clamp(min=1e-12)
+        err = ((scores[name] - ref).abs().max() / scale).item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def classification_batches(vocab=100, num_labels=3, regression=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(1, vocab, (5, 9), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 6:] = 0  # padding must not leak into the per-example gradients
+        labels = torch.randn(5, generator=g) if regression else torch.randint(0, num_labels, (5,), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def lm_batches(vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, vocab, (4, 10), generator=g)
+        labels = ids.clone()
+        labels[1, :3] = -100  # ignored positions
+        batches.append({"input_ids": ids, "labels": labels})
+    return batches
+
+
+@pytest.mark.parametrize(
+    "build, batches",
+    [
+        (lambda: tiny_bert(num_labels=3), classification_batches()),
+        (lambda: tiny_bert(num_labels=1), classification_batches(regression=True)),
+        (tiny_gpt2, lm_batches()),
+        (tiny_llama, lm_batches()),
+        (tiny_t5, lm_batches()),
+    ],
+    ids=["bert-classification", "bert-regression", "gpt2-lm", "llama-lm", "t5-seq2seq"],
+)
+def test_vectorised_fisher_equals_one_example_loop(build, batches):
+    model = build()
+    scores = compute_fisher(model, batches, num_samples=sum(b["labels"].shape[0] for b in batches), chunk_size=3)
+    assert_scores_close(scores, reference_fisher(model, batches))
+
+
+def test_expected_fisher_weights_each_class_by_the_model_probability():
+    model = tiny_bert(num_labels=3)
+    batches = classification_batches()
+    scores = compute_fisher(model, batches, num_samples=10, fisher="expected")
+    assert_scores_close(scores, reference_fisher(model, batches, weights_by_class=True))
+
+
+def test_sampled_expected_fisher_is_seeded():
+    model = tiny_gpt2()
+    batches = lm_batches()
+    a = compute_fisher(model, batches, num_samples=8, fisher="expected", seed=1)
+    b = compute_fisher(model, batches, num_samples=8, fisher="expected", seed=1)
+    empirical = compute_fisher(model, batches, num_samples=8)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.allclose(a[n], empirical[n]) for n in a)
+
+
+def test_chunk_size_and_num_samples():
+    model = tiny_bert(num_labels=3)
+    batches = classification_batches()
+    whole = compute_fisher(model, batches, num_samples=7, chunk_size=16)
+    pieces = compute_fisher(model, batches, num_samples=7, chunk_size=1)
+    first_seven = [batches[0], {k: v[:2] for k, v in batches[1].items()}]
+    assert_scores_close(whole, reference_fisher(model, first_seven))
+    assert_scores_close(pieces, whole)
+
+
+class LeakyModel(nn.Module):
+    """Uses `a.weight` outside `a`'s own forward, which forward hooks cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        hidden = torch.tanh(self.a(x) + x @ self.a.weight.T)
+        logits = self.b(hidden)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return type("Output", (), {"logits": logits, "loss": loss})()
+
+
+def test_parameters_used_outside_their_module_fall_back_to_the_loop():
+    torch.manual_seed(0)
+    model = LeakyModel()
+    batches = [{"x": torch.randn(6, 4), "labels": torch.randint(0, 3, (6,))}]
+    assert_scores_close(compute_fisher(model, batches, num_samples=6), reference_fisher(model, batches))
+
+
+def test_fisher_leaves_model_state_as_it_was():
+    model = tiny_bert(num_labels=3).train()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    compute_fisher(model, classification_batches(), num_samples=4)
+    assert model.training
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny_bert(num_labels=3)
+    batches = classification_batches()
+    loader = torch.utils.data.DataLoader(
+        [{"input_ids": torch.ones(4, dtype=torch.long), "labels": torch.tensor(0)}] * 3, batch_size=2
+    )
+    with pytest.raises(ValueError, match="holds only 3 examples"):
+        compute_fisher(model, loader, num_samples=4)
+    with pytest.raises(ValueError, match="yielded only 10 examples"):
+        compute_fisher(model, iter(batches), num_samples=11)
+    with pytest.raises(ValueError, match="no examples"):
+        compute_fisher(model, [], num_samples=1)
+    with pytest.raises(ValueError, match="labels"):
+        compute_fisher(model, [{"input_ids": batches[0]["input_ids"]}], num_samples=1)
+    with pytest.raises(ValueError, match="positive integer"):
+        compute_fisher(model, batches, num_samples=0)
+    with pytest.raises(ValueError, match="fisher must be"):
+        compute_fisher(model, batches, num_samples=2, fisher="diagonal")
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN/inf for example 0"):
+        compute_fisher(model, batches, num_samples=2)
