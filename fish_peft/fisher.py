@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .losses import loss_kind, per_example_loss, sample_labels
-from .per_example import CallRecorder, example_sum, square_sum
+from .per_example import CallRecorder, add_square_sum, example_sum
 
 FISHER_TYPES = ("empirical", "expected")
 MAX_EXACT_CLASSES = 64  # up to this many classes the expected Fisher sums over classes instead of sampling
@@ -177,7 +177,7 @@ class _FisherScorer:
             if not self.verified:
                 self._verify(dict(zip(self.params, grads[len(calls):])))
             for name, contributions in self.recorder.contributions(self.vectorized_names):
-                self.scores[name] += square_sum(contributions)
+                add_square_sum(contributions, self.scores[name])
             losses = following
         self.recorder.calls = []
 

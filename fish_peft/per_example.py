@@ -23,6 +23,29 @@ from transformers.pytorch_utils import Conv1D
 
 
 @dataclass
+class OuterProducts:
+    """Per-example gradient of a Linear/Conv1D weight, kept factored: example b's gradient is `left[b]ᵀ right[b]`."""
+
+    left: torch.Tensor  # (batch, tokens, rows of the gradient)
+    right: torch.Tensor  # (batch, tokens, columns of the gradient)
+    tokens: torch.Tensor  # (batch, tokens) bool: where the output-gradient is not zero (padding has none)
+
+    def add_square_sum(self, out: torch.Tensor) -> None:
+        # One small matmul per example beats a batched matmul here, skips the example's padding, and never holds
+        # all examples' gradients at once.
+        grad = torch.empty_like(out)
+        for left, right, tokens in zip(self.left, self.right, self.tokens):
+            torch.mm(left[tokens].T, right[tokens], out=grad)
+            out.addcmul_(grad, grad)
+
+    def example_sum(self) -> torch.Tensor:
+        return self.left.flatten(0, 1).T @ self.right.flatten(0, 1)
+
+    def dense(self) -> torch.Tensor:
+        return torch.bmm(self.left.transpose(1, 2), self.right)
+
+
+@dataclass
 class EmbeddingRows:
     """Per-example gradient of an embedding table, kept sparse: row `rows[j]` of example `examples[j]`."""
 
@@ -32,9 +55,8 @@ class EmbeddingRows:
     shape: tuple[int, ...]
     batch: int
 
-    def square_sum(self) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=torch.float32, device=self.values.device)
-        return out.index_add_(0, self.rows, self.values.pow(2))
+    def add_square_sum(self, out: torch.Tensor) -> None:
+        out.index_add_(0, self.rows, self.values.pow(2))
 
     def example_sum(self) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=torch.float32, device=self.values.device)
@@ -46,24 +68,38 @@ class EmbeddingRows:
         return out
 
 
-def square_sum(contributions: list) -> torch.Tensor:
-    """Σ_examples (Σ_calls g)² for one parameter; consumes the contributions."""
-    if len(contributions) == 1 and isinstance(contributions[0], EmbeddingRows):
-        return contributions[0].square_sum()
-    total = contributions[0].dense() if isinstance(contributions[0], EmbeddingRows) else contributions[0]
-    for c in contributions[1:]:
-        total = total + (c.dense() if isinstance(c, EmbeddingRows) else c)
-    return total.square_().sum(0)
+@dataclass
+class Dense:
+    """Per-example gradients as one (batch, *parameter shape) tensor."""
+
+    grads: torch.Tensor
+
+    def add_square_sum(self, out: torch.Tensor) -> None:
+        out += self.grads.square().sum(0)
+
+    def example_sum(self) -> torch.Tensor:
+        return self.grads.sum(0)
+
+    def dense(self) -> torch.Tensor:
+        return self.grads
+
+
+def add_square_sum(contributions: list, out: torch.Tensor) -> None:
+    """out += Σ_examples (Σ_calls g)² for one parameter."""
+    if len(contributions) == 1:
+        contributions[0].add_square_sum(out)
+    else:
+        out += sum(c.dense() for c in contributions).square_().sum(0)
 
 
 def example_sum(contributions: list) -> torch.Tensor:
     """Σ_examples Σ_calls g for one parameter: must equal the ordinary batch gradient."""
-    return sum(c.example_sum() if isinstance(c, EmbeddingRows) else c.sum(0) for c in contributions)
+    return sum(c.example_sum() for c in contributions)
 
 
 def _first_input(args: tuple, kwargs: dict, batch: int) -> torch.Tensor:
     """The module's input, expanded to the batch where it is shared by all examples (e.g. position ids)."""
-    x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    x = (args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))).detach()
     return x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 else x
 
 
@@ -72,11 +108,12 @@ def _linear(module, attr, args, kwargs, delta):
     x = _first_input(args, kwargs, batch).float()
     d = delta.float().reshape(batch, -1, delta.shape[-1])
     if attr == "bias":
-        return d.sum(1)
+        return Dense(d.sum(1))
     x = x.reshape(batch, -1, x.shape[-1])
+    tokens = d.ne(0).any(-1)
     if isinstance(module, Conv1D):  # y = x @ W, W is (in, out)
-        return torch.bmm(x.transpose(1, 2), d)
-    return torch.bmm(d.transpose(1, 2), x)
+        return OuterProducts(x, d, tokens)
+    return OuterProducts(d, x, tokens)
 
 
 def _embedding(module, attr, args, kwargs, delta):
@@ -96,9 +133,9 @@ def _layer_norm(module, attr, args, kwargs, delta):
     x = _first_input(args, kwargs, batch).float()
     d = delta.float().reshape(batch, -1, *shape)
     if attr == "bias":
-        return d.sum(1)
+        return Dense(d.sum(1))
     normalised = F.layer_norm(x, shape, eps=module.eps).reshape(batch, -1, *shape)
-    return (d * normalised).sum(1)
+    return Dense((d * normalised).sum(1))
 
 
 def _generic(module, attr, args, kwargs, delta):
@@ -114,7 +151,7 @@ def _generic(module, attr, args, kwargs, delta):
         _, pullback = vjp(lambda p: functional_call(module, {attr: p}, a, k), param)
         return pullback(example_delta.to(param.dtype))[0]
 
-    return vmap(one_example, in_dims=(dims, 0))(leaves, delta.unsqueeze(1)).float()
+    return Dense(vmap(one_example, in_dims=(dims, 0))(leaves, delta.unsqueeze(1)).float())
 
 
 def _rule(module: nn.Module):
@@ -197,4 +234,5 @@ class CallRecorder:
                     if name in wanted:
                         uses.setdefault(name, []).append((call, attr))
         for name, calls in uses.items():
-            yield name, [_rule(c.module)(c.module, attr, c.args, c.kwargs, c.delta) for c, attr in calls]
+            with torch.no_grad():
+                yield name, [_rule(c.module)(c.module, attr, c.args, c.kwargs, c.delta) for c, attr in calls]

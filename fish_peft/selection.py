@@ -51,12 +51,20 @@ def partition_parameters(
         eligible = lambda name, _param: bool(pattern.search(name))  # noqa: E731
     candidates, num_head, num_total = {}, 0, 0
     for name, param in model.named_parameters():
+        if ".fish_values." in name or ".modules_to_save." in name:
+            continue  # an existing adapter's own values and head copies are not part of the base model
+        name = base_parameter_name(name)
         num_total += param.numel()
         if in_modules(name, modules_to_save):
             num_head += param.numel()
         elif eligible is None or eligible(name, param):
             candidates[name] = param
     return candidates, num_head, num_total
+
+
+def base_parameter_name(name: str) -> str:
+    """The name a parameter has in the bare base model, also when `model` is already wrapped by PEFT."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
@@ -175,6 +183,25 @@ def compute_fisher_mask(
 
     info = {"method": "fisher", "fisher": fisher, "num_samples": num_samples}
     return build_mask(model, score_fn, keep_ratio, modules_to_save, selection, eligible, info)
+
+
+def mask_from_scores(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    keep_ratio: float = 0.005,
+    *,
+    modules_to_save: Union[str, Sequence[str], None] = "auto",
+    selection: str = "global",
+    eligible: Eligible = None,
+) -> FishMask:
+    """The mask of precomputed scores (e.g. from `compute_fisher`) under the same budget rules."""
+    def score_fn(candidates):
+        absent = [name for name in candidates if name not in scores]
+        if absent:
+            raise ValueError(f"No score for {len(absent)} eligible parameter(s), e.g. '{absent[0]}'; score them or narrow `eligible`.")
+        return scores
+
+    return build_mask(model, score_fn, keep_ratio, modules_to_save, selection, eligible, {"method": "scores"})
 
 
 def random_mask(

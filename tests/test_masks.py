@@ -112,3 +112,20 @@ def test_fish_mask_rejects_bad_indices():
         FishMask({"w": torch.tensor([1, 4])}, {"w": (4,)})
     with pytest.raises(TypeError, match="int32/int64"):
         FishMask({"w": torch.tensor([1.0])}, {"w": (4,)})
+
+
+def test_masks_of_an_already_wrapped_model_use_base_model_names():
+    from peft import get_peft_model
+
+    from fish_peft import FishConfig
+
+    base = tiny_bert(num_labels=3)
+    expected = random_mask(base, 0.05, seed=2)
+    wrapped = get_peft_model(tiny_bert(num_labels=3), FishConfig(mask=random_mask(base, 0.05, seed=1)))
+    again = random_mask(wrapped, 0.05, seed=2)
+    assert set(again) == set(expected) and again.jaccard(expected) == 1.0
+    batches = classification_batches()
+    fisher_on_wrapped = compute_fisher_mask(wrapped, batches, keep_ratio=0.05, num_samples=10)
+    assert fisher_on_wrapped.jaccard(compute_fisher_mask(base, batches, keep_ratio=0.05, num_samples=10)) == 1.0
+    wrapped.add_adapter("second", FishConfig(mask=again))  # a second adapter from a mask of the wrapped model
+    assert "second" in wrapped.peft_config
