@@ -2,8 +2,8 @@
 
 `compute_fisher` scores every parameter (or the ones given) on `num_samples` examples. The default path is
 vectorised: one forward and one backward per chunk of examples, with per-example gradients rebuilt from hooks (see
-`per_example.py`). On the first chunk it checks that the per-example gradients add up to the ordinary batch gradient;
-a parameter that fails (used outside its module's forward, say) is scored by the plain one-example-at-a-time loop,
+`per_example.py`). On the first chunk it checks every parameter's vectorised score against the plain
+one-example-at-a-time loop; a parameter that differs (used outside its module's forward, say) is scored by that loop,
 which is also available for every parameter with `vectorized=False`.
 """
 
@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .losses import loss_kind, per_example_loss, sample_labels
-from .per_example import CallRecorder, add_square_sum, example_sum
+from .per_example import CallRecorder, add_square_sum
 
 FISHER_TYPES = ("empirical", "expected")
 MAX_EXACT_CLASSES = 64  # up to this many classes the expected Fisher sums over classes instead of sampling
+VERIFY_EXAMPLES = 4  # examples on which the vectorised path is checked against the loop
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -113,7 +114,7 @@ class _FisherScorer:
 
     def __init__(self, model, params, fisher, loss_fn, generator, vectorized):
         self.model, self.params, self.fisher, self.loss_fn, self.generator = model, params, fisher, loss_fn, generator
-        self.scores = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+        self.scores = _zeros_like(params)
         self.recorder = CallRecorder(model, params) if vectorized else None
         self.vectorized_names = set(self.recorder.hooked_parameters) if vectorized else set()
         self.verified = not vectorized
@@ -123,14 +124,39 @@ class _FisherScorer:
             self.recorder.remove()
 
     def score(self, batch: dict, first_example: int) -> None:
+        if not self.verified:
+            self._verify(batch, first_example)
         if self.vectorized_names:
-            self._score_vectorized(batch, first_example)
+            self._score_vectorized(batch, first_example, self.fisher, self.scores)
         looped = [name for name in self.params if name not in self.vectorized_names]
-        if looped:
-            for i in range(_batch_size(batch)):
-                self._score_loop(_slice(batch, i, i + 1), looped, first_example + i)
+        for i in range(_batch_size(batch) if looped else 0):
+            self._score_loop(_slice(batch, i, i + 1), looped, first_example + i, self.fisher, self.scores)
 
-    def _weighted_losses(self, batch: dict, first_example: int):
+    def _verify(self, batch: dict, first_example: int) -> None:
+        """On the first few examples, each parameter's vectorised score must equal the one-example loop's (at the
+        gold labels); a parameter whose per-example gradients the hooks cannot rebuild is scored by the loop."""
+        batch = _slice(batch, 0, min(VERIFY_EXAMPLES, _batch_size(batch)))
+        names = sorted(self.vectorized_names)
+        vectorised, reference = _zeros_like(self.params), _zeros_like(self.params)
+        self._score_vectorized(batch, first_example, "empirical", vectorised)
+        for i in range(_batch_size(batch)):
+            self._score_loop(_slice(batch, i, i + 1), names, first_example + i, "empirical", reference)
+        scale = max(reference[name].abs().max().item() for name in names) if names else 0.0
+        self.vectorized_names = {
+            name for name in self.vectorized_names
+            if (vectorised[name] - reference[name]).abs().max() <= 1e-3 * reference[name].abs().max() + 1e-5 * scale
+        }
+        looped = sorted(set(self.params) - self.vectorized_names)
+        if looped:
+            warnings.warn(
+                f"{len(looped)} parameter(s) are scored one example at a time (slower) because their per-example "
+                f"gradients cannot be rebuilt from one backward pass: {', '.join(looped[:3])}"
+                + (" ..." if len(looped) > 3 else ""),
+                stacklevel=4,
+            )
+        self.verified = True
+
+    def _weighted_losses(self, batch: dict, first_example: int, fisher: str):
         """Forward once; yield the per-example losses whose summed squared gradients make the Fisher."""
         outputs = self.model(**_model_inputs(self.model, batch))
         if self.loss_fn is not None:
@@ -141,7 +167,7 @@ class _FisherScorer:
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
         labels = batch["labels"]
         kind = loss_kind(self.model, logits, labels)
-        if self.fisher == "empirical":
+        if fisher == "empirical":
             losses = per_example_loss(kind, logits, labels)
             _check_finite(losses, first_example)
             yield losses
@@ -156,58 +182,37 @@ class _FisherScorer:
             _check_finite(losses, first_example)
             yield losses
 
-    def _score_vectorized(self, batch: dict, first_example: int) -> None:
+    def _score_vectorized(self, batch: dict, first_example: int, fisher: str, into: dict) -> None:
         with self.recorder.recording(_batch_size(batch)):
-            passes = self._weighted_losses(batch, first_example)
+            passes = self._weighted_losses(batch, first_example, fisher)
             losses = next(passes)
-        if not self.verified:
-            self.vectorized_names -= self.recorder.unbatched
+        self.vectorized_names -= self.recorder.unbatched
         calls = self.recorder.calls
         if not calls:
             raise ValueError("No module that owns a scored parameter took part in the forward pass.")
         while losses is not None:
             following = next(passes, None)
-            wanted = [c.output for c in calls]
-            check = [] if self.verified else list(self.params.values())
-            grads = torch.autograd.grad(
-                losses.sum(), wanted + check, retain_graph=following is not None or not self.verified, allow_unused=True
+            deltas = torch.autograd.grad(
+                losses.sum(), [c.output for c in calls], retain_graph=following is not None, allow_unused=True
             )
-            for call, delta in zip(calls, grads[: len(calls)]):
+            for call, delta in zip(calls, deltas):
                 call.delta = delta
-            if not self.verified:
-                self._verify(dict(zip(self.params, grads[len(calls):])))
             for name, contributions in self.recorder.contributions(self.vectorized_names):
-                add_square_sum(contributions, self.scores[name])
+                add_square_sum(contributions, into[name])
             losses = following
         self.recorder.calls = []
 
-    def _verify(self, batch_grads: dict[str, Optional[torch.Tensor]]) -> None:
-        """Per-example gradients must add up to the batch gradient; others fall back to the loop (first chunk)."""
-        sums = {name: example_sum(c) for name, c in self.recorder.contributions(self.vectorized_names)}
-        for name in list(self.vectorized_names):
-            reference = batch_grads[name]
-            total = sums.get(name)
-            if reference is None:
-                reference = torch.zeros_like(self.scores[name])
-            if total is None or (total - reference.float()).norm() > 1e-3 * reference.float().norm() + 1e-6:
-                self.vectorized_names.discard(name)
-        looped = sorted(set(self.params) - self.vectorized_names)
-        if looped:
-            warnings.warn(
-                f"{len(looped)} parameter(s) are scored one example at a time (slower) because their per-example "
-                f"gradients cannot be rebuilt from one backward pass: {', '.join(looped[:3])}"
-                + (" ..." if len(looped) > 3 else ""),
-                stacklevel=4,
-            )
-        self.verified = True
-
-    def _score_loop(self, example: dict, names: list[str], index: int) -> None:
+    def _score_loop(self, example: dict, names: list[str], index: int, fisher: str, into: dict) -> None:
         params = [self.params[name] for name in names]
-        for losses in self._weighted_losses(example, index):
+        for losses in self._weighted_losses(example, index, fisher):
             grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=True)
             for name, grad in zip(names, grads):
                 if grad is not None:
-                    self.scores[name] += grad.float().pow(2)
+                    into[name] += grad.float().pow(2)
+
+
+def _zeros_like(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
 
 
 def _check_finite(losses: torch.Tensor, first_example: int) -> None:

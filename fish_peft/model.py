@@ -8,8 +8,8 @@ from torch import nn
 
 from .config import SAVE_DTYPES, FishConfig
 from .layer import FishLayer, FishTiedLayer
-from .selection import in_modules
 from .packing import PACKED_KEYS, VALUES_KEY, pack
+from .selection import in_modules
 from .validation import AdapterFileError, unpack_adapter_state_dict
 
 
@@ -34,9 +34,11 @@ class FishModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: FishConfig, adapter_name: str) -> None:
         """Refuse a base model that does not match the adapter before any module is replaced."""
         check_model_matches_config(model, config)
+        if len(self.peft_config) == 1:  # remembered so that a failed load can hand the model back as it came
+            self.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        indices = _module_indices(peft_config, current_key, target)
+        indices = _module_indices(peft_config, current_key)
         if isinstance(target, FishLayer):
             target.update_layer(adapter_name, indices)
         elif isinstance(target, FishTiedLayer):
@@ -132,7 +134,7 @@ def check_model_matches_config(model: nn.Module, config: FishConfig) -> None:
             )
 
 
-def _module_indices(config: FishConfig, module_name: str, target: nn.Module) -> dict[str, torch.Tensor]:
+def _module_indices(config: FishConfig, module_name: str) -> dict[str, torch.Tensor]:
     """The indices of each adapted parameter of `module_name`: from the mask, or placeholders to be loaded."""
     indices = {}
     for attr in config.module_parameters()[module_name]:
@@ -172,14 +174,13 @@ def _wrap_tied_modules(model: nn.Module) -> None:
 
 def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
     """Take a half-loaded adapter out again so a failed load leaves the base model as it was."""
-    peft_config = getattr(model, "peft_config", {})
-    if adapter_name not in peft_config:
-        return
-    if len(peft_config) == 1 and hasattr(model, "base_model"):
-        model.base_model.unload()
-        for module in model.modules():
-            if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
-                module.delete_adapter(adapter_name) if hasattr(module, "delete_adapter") else None
-    else:
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, FishModel) or adapter_name not in tuner.peft_config:
+        return  # layers injected without a PeftModel: the caller owns that model
+    if len(tuner.peft_config) > 1:
         model.delete_adapter(adapter_name)
+        return
+    base = tuner.unload()
+    for name, param in base.named_parameters():
+        param.requires_grad_(tuner.base_requires_grad.get(name, param.requires_grad))
 

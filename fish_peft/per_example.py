@@ -38,9 +38,6 @@ class OuterProducts:
             torch.mm(left[tokens].T, right[tokens], out=grad)
             out.addcmul_(grad, grad)
 
-    def example_sum(self) -> torch.Tensor:
-        return self.left.flatten(0, 1).T @ self.right.flatten(0, 1)
-
     def dense(self) -> torch.Tensor:
         return torch.bmm(self.left.transpose(1, 2), self.right)
 
@@ -58,10 +55,6 @@ class EmbeddingRows:
     def add_square_sum(self, out: torch.Tensor) -> None:
         out.index_add_(0, self.rows, self.values.pow(2))
 
-    def example_sum(self) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=torch.float32, device=self.values.device)
-        return out.index_add_(0, self.rows, self.values)
-
     def dense(self) -> torch.Tensor:
         out = torch.zeros((self.batch, *self.shape), dtype=torch.float32, device=self.values.device)
         out[self.examples, self.rows] = self.values
@@ -77,9 +70,6 @@ class Dense:
     def add_square_sum(self, out: torch.Tensor) -> None:
         out += self.grads.square().sum(0)
 
-    def example_sum(self) -> torch.Tensor:
-        return self.grads.sum(0)
-
     def dense(self) -> torch.Tensor:
         return self.grads
 
@@ -90,11 +80,6 @@ def add_square_sum(contributions: list, out: torch.Tensor) -> None:
         contributions[0].add_square_sum(out)
     else:
         out += sum(c.dense() for c in contributions).square_().sum(0)
-
-
-def example_sum(contributions: list) -> torch.Tensor:
-    """Σ_examples Σ_calls g for one parameter: must equal the ordinary batch gradient."""
-    return sum(c.example_sum() for c in contributions)
 
 
 def _first_input(args: tuple, kwargs: dict, batch: int) -> torch.Tensor:

@@ -122,7 +122,21 @@ def test_tampered_adapter_is_refused_and_base_model_left_alone(tmp_path, name):
     with pytest.raises(AdapterFileError):
         PeftModel.from_pretrained(fresh, tmp_path)
     assert not any(isinstance(m, FishLayer) for m in fresh.modules())
+    assert type(fresh.classifier) is torch.nn.Linear and not hasattr(fresh, "peft_config")
+    assert all(p.requires_grad for p in fresh.parameters())
     assert torch.equal(fresh(**inputs()).logits, expected)
+
+
+def test_tampered_second_adapter_is_refused_and_the_first_keeps_working(tmp_path):
+    base = tiny_bert()
+    first = trained_adapter(base, seed=0)
+    trained_adapter(base, seed=1).save_pretrained(tmp_path)
+    tamper(tmp_path, TAMPERINGS["duplicated index"])
+    expected = first(**inputs()).logits
+    with pytest.raises(AdapterFileError, match="strictly increasing"):
+        first.load_adapter(tmp_path, adapter_name="second")
+    assert list(first.peft_config) == ["default"]
+    assert torch.equal(first(**inputs()).logits, expected)
 
 
 def test_adapter_for_another_base_model_is_refused_before_any_change(tmp_path):
