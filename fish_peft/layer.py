@@ -16,7 +16,19 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-class FishLayer(nn.Module, BaseTunerLayer):
+class _Wrapper(nn.Module):
+    """A module around `base_layer` that exposes the wrapped module's attributes (`eps`, `padding_idx`, ...)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class FishLayer(_Wrapper, BaseTunerLayer):
     """Wraps any module and adds sparse diffs Δ to its own parameters: the forward runs with W + Δ.
 
     Per adapter and adapted parameter it holds a trainable 1-D tensor of values (`fish_values[adapter][param]`)
@@ -39,15 +51,6 @@ class FishLayer(nn.Module, BaseTunerLayer):
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, indices)
-
-    def __getattr__(self, name: str) -> Any:
-        """Expose the wrapped module's attributes (e.g. `eps`, `padding_idx`) as LoRA layers do for Linear."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def update_layer(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
         """Add adapter `adapter_name` with zero-initialised values at `indices` ({param attribute: flat indices})."""
@@ -133,7 +136,7 @@ class FishLayer(nn.Module, BaseTunerLayer):
         return "fish." + super().__repr__()
 
 
-class FishTiedLayer(nn.Module, BaseTunerLayer):
+class FishTiedLayer(_Wrapper, BaseTunerLayer):
     """Stands in for a module that shares a parameter with a `FishLayer`'s module (GPT-2's `lm_head` and `wte`).
 
     The diff is applied wherever the tied weight is used, so the adapted model equals a dense model with W + Δ. The
@@ -150,14 +153,6 @@ class FishTiedLayer(nn.Module, BaseTunerLayer):
         self.tied = dict(tied)  # {this module's parameter attribute: the source's parameter attribute}
         self._disable_adapters = False
         self.merged_adapters = []
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Nothing to do: the source layer's merge writes into the shared tensor."""

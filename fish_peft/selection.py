@@ -38,8 +38,8 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Union[str, Sequen
 
 def in_modules(param_name: str, modules: Iterable[str]) -> bool:
     """Whether the parameter's owning module is, or lies inside, one of `modules` (matched by name suffix)."""
-    owner = param_name.rpartition(".")[0]
-    return any(owner == m or owner.endswith("." + m) or f".{m}." in f".{owner}." for m in modules)
+    owner = f".{param_name.rpartition('.')[0]}."
+    return any(f".{m}." in owner for m in modules)
 
 
 def partition_parameters(
@@ -111,9 +111,8 @@ def _top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
     threshold = torch.topk(flat, k, sorted=False).values.min()
     above = flat > threshold
     ties = (flat == threshold).nonzero().squeeze(1)[: k - int(above.sum())]
-    chosen = above
-    chosen[ties] = True
-    return chosen.nonzero().squeeze(1)
+    above[ties] = True
+    return above.nonzero().squeeze(1)
 
 
 def _split(flat_indices: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
