@@ -10,7 +10,7 @@ from .fisher import compute_fisher
 from .layer import FishLayer
 from .masks import FishMask
 from .model import FishModel
-from .selection import compute_fisher_mask, magnitude_mask, mask_from_scores, random_mask
+from .selection import bias_mask, compute_fisher_mask, magnitude_mask, mask_from_scores, random_mask
 from .validation import AdapterFileError
 
 _register()
@@ -23,6 +23,7 @@ __all__ = [
     "FishLayer",
     "FishMask",
     "FishModel",
+    "bias_mask",
     "compute_fisher",
     "compute_fisher_mask",
     "magnitude_mask",

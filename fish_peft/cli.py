@@ -1,0 +1,116 @@
+"""The `fish-peft` command: train, mask, eval and compare from YAML recipes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .recipe import METHODS, Recipe, load_recipe, parse_overrides
+
+RECIPE_KEYS = ", ".join(f.name for f in dataclasses.fields(Recipe))
+OVERRIDES_HELP = (
+    "Any recipe key can be overridden as --key value (dashes or underscores), e.g. --lr 1e-3 --method lora "
+    f"--output-dir outputs/x --text-columns sentence1,sentence2 --lr-by-method fish=2e-3,full=5e-5. Keys: {RECIPE_KEYS}."
+)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args, parse_overrides(rest))
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"fish-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fish-peft", description="Sparse fine-tuning with FISH masks on top of PEFT.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="fine-tune one method as a recipe says", description=train_command.__doc__, epilog=OVERRIDES_HELP)
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/glue/sst2.yaml")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    train.set_defaults(handler=train_command)
+
+    mask = commands.add_parser("mask", help="compute and save a mask and its per-module report", description=mask_command.__doc__, epilog=OVERRIDES_HELP)
+    mask.add_argument("recipe")
+    mask.add_argument("--overwrite", action="store_true")
+    mask.set_defaults(handler=mask_command)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved run", description=eval_command.__doc__, epilog=OVERRIDES_HELP)
+    evaluate.add_argument("run_dir", help="output folder of `fish-peft train`")
+    evaluate.set_defaults(handler=eval_command)
+
+    compare = commands.add_parser("compare", help="run several methods and tabulate them", description=compare_command.__doc__, epilog=OVERRIDES_HELP)
+    compare.add_argument("recipe")
+    compare.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: the recipe's `methods`)")
+    compare.add_argument("--overwrite", action="store_true")
+    compare.set_defaults(handler=compare_command)
+    return parser
+
+
+def train_command(args, overrides) -> int:
+    """Fine-tune with one method (fish, random, full, lora, bitfit) and write the adapter, results.json, the mask
+    plot and a model card into the recipe's output_dir."""
+    from .training import run
+
+    results = run(load_recipe(args.recipe, overrides), overwrite=args.overwrite)
+    print(json.dumps({"metrics": results["metrics"], "trainable_parameters": results["trainable_parameters"]}, indent=2))
+    return 0
+
+
+def mask_command(args, overrides) -> int:
+    """Compute the recipe's mask (fish by default; random and bitfit too) without training and save mask.safetensors,
+    mask_report.json and mask.png in output_dir."""
+    from .mask_plot import plot_mask
+    from .training import build_mask_only, write_json
+
+    recipe = load_recipe(args.recipe, overrides)
+    out = Path(recipe.output_dir)
+    if (out / "mask.safetensors").exists() and not args.overwrite:
+        raise FileExistsError(f"{out / 'mask.safetensors'} exists; pass --overwrite or choose another --output-dir.")
+    start = time.perf_counter()
+    mask, shapes = build_mask_only(recipe)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    mask.save(str(out / "mask.safetensors"))
+    write_json(out / "mask_report.json", {"selected": mask.num_selected, "seconds": seconds, **mask.info, "parameters": mask.report()})
+    plot_mask(mask, str(out / "mask.png"), title=f"{recipe.method} mask, {recipe.task}", shapes=shapes)
+    print(f"{mask} in {seconds:.1f}s -> {out}")
+    for row in sorted(mask.report(), key=lambda r: -r["selected"])[:10]:
+        print(f"  {row['parameter']:<60} {row['selected']:>9,} of {row['size']:>11,} ({row['density']:.3%})")
+    return 0
+
+
+def eval_command(args, overrides) -> int:
+    """Evaluate a run's saved adapter (or model) on the validation split(s) of its recipe; --validation-file and
+    other keys override the recipe saved with the run."""
+    from .training import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(args.run_dir), overrides), indent=2))
+    return 0
+
+
+def compare_command(args, overrides) -> int:
+    """Run the recipe once per method on the same data, loop and evaluation, each at its own learning rate
+    (`lr_by_method`), and write comparison.md and comparison.json into output_dir."""
+    from .comparison import compare
+
+    recipe = load_recipe(args.recipe, overrides)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(recipe.methods)
+    recipe = dataclasses.replace(recipe, methods=methods)
+    print(compare(recipe, overwrite=args.overwrite))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

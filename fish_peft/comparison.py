@@ -1,0 +1,47 @@
+"""`fish-peft compare`: the same recipe once per method, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .recipe import Recipe
+from .training import run, write_json
+
+
+def compare(recipe: Recipe, overwrite: bool = False) -> str:
+    """Run every method of `recipe.methods`; write comparison.json and comparison.md; return the markdown table."""
+    rows = []
+    for method in recipe.methods:
+        results = run(recipe.for_method(method), overwrite=overwrite)
+        rows.append(summary_row(results))
+    out = Path(recipe.output_dir)
+    table = markdown_table(rows)
+    write_json(out / "comparison.json", {"task": recipe.task, "model": recipe.model, "rows": rows})
+    (out / "comparison.md").write_text(table + "\n")
+    return table
+
+
+def summary_row(results: dict) -> dict:
+    """One method's line: its best metrics on the first validation split, size and cost."""
+    first_split = next(iter(results["metrics"]))
+    return {
+        "method": results["method"],
+        "lr": results["recipe"]["lr"],
+        "metrics": {k: v for k, v in results["metrics"][first_split].items() if k not in ("loss", "epoch")},
+        "trainable_parameters": results["trainable_parameters"],
+        "trainable_percent": 100 * results["trainable_parameters"] / results["total_parameters"],
+        "adapter_bytes": results["adapter_bytes"],
+        "train_seconds": results["wall_seconds"],
+        "fisher_seconds": results["fisher_seconds"],
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    metric_names = list(rows[0]["metrics"]) if rows else []
+    header = ["method", "lr", *metric_names, "trainable", "% of model", "saved bytes", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"], f"{row['lr']:g}", *(f"{row['metrics'].get(m, float('nan')):.4f}" for m in metric_names)]
+        cells += [f"{row['trainable_parameters']:,}", f"{row['trainable_percent']:.3f}", f"{row['adapter_bytes']:,}", f"{row['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""A Hugging Face Hub model card (README.md with YAML front matter) for a model trained with fish-peft."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# model_cards/ sits next to the package, not inside it: a wheel must ship it explicitly (see pyproject.toml).
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "fish_adapter.md.j2"
+
+METHODS = ("fish", "random", "lora", "full", "bitfit")
+MASK_METHODS = ("fish", "random")  # the methods whose card shows the mask (statistics, per-parameter table, plot)
+
+REQUIRED_KEYS = (
+    "base_model",
+    "task",
+    "dataset",
+    "method",
+    "keep_ratio",
+    "trainable_parameters",
+    "total_parameters",
+    "adapter_bytes",
+    "metrics",
+    "mask_table",
+    "plot_file",
+    "recipe_yaml",
+    "license",
+    "repo_id",
+    "num_labels",
+)
+
+
+def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | None = None) -> str:
+    """The model card's Markdown (YAML front matter first), rendered from a Jinja2 template.
+
+    `template` is the path of a Jinja2 template file; by default `model_cards/fish_adapter.md.j2` of this
+    repository. Rendering is strict: a key the template uses but `context` lacks raises `jinja2.UndefinedError`
+    (for the default template every key below is checked up front, also those a section for another method skips).
+
+    Context keys (all required; pass None / empty where the text says so):
+
+    - `base_model` (str): Hub id or path of the base model, e.g. "bert-large-cased-whole-word-masking".
+    - `task` (str): the task / dataset configuration, e.g. "sst2".
+    - `dataset` (str): Hub id of the dataset, e.g. "nyu-mll/glue".
+    - `method` (str): "fish", "random", "lora", "full" or "bitfit". The mask sections appear for "fish" and
+      "random" only; "full" is described as a full fine-tune, loaded without PEFT.
+    - `keep_ratio` (float or None): the mask's share of all parameters (head included), e.g. 0.005.
+    - `num_labels` (int): number of classes of the head (1 for regression), used in the loading snippet.
+    - `trainable_parameters` (int): parameters trained (sparse-diff values plus the head, or LoRA weights, ...).
+    - `total_parameters` (int): parameters of the base model with its head.
+    - `adapter_bytes` (int or None): size of the saved adapter files.
+    - `metrics` (dict[str, float]): best validation results, e.g. {"accuracy": 0.93}; a leading "eval_" is dropped
+      in the card. May be empty (no results section, no model-index).
+    - `mask_table` (list of dicts): `FishMask.report()` rows (parameter, shape, selected, size, density), or [].
+      The card lists the 15 rows with most entries selected and says how many more there are.
+    - `plot_file` (str or None): file name of the `plot_mask` PNG, relative to the card.
+    - `recipe_yaml` (str): the training recipe as YAML (e.g. `Recipe.to_yaml()`).
+    - `license` (str): the card's license, e.g. "apache-2.0".
+    - `repo_id` (str or None): where the adapter will live on the Hub, used in the loading snippet;
+      None gives "path/to/adapter".
+    """
+    import jinja2
+
+    path = Path(template) if template is not None else DEFAULT_TEMPLATE
+    if template is None:
+        missing = [key for key in REQUIRED_KEYS if key not in context]
+        if missing:
+            raise jinja2.UndefinedError(f"render_model_card: the context lacks {', '.join(missing)}.")
+    method = context.get("method")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"render_model_card: method must be one of {METHODS}, got {method!r}.")
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(path.parent)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(
+        yaml_str=_yaml_str,
+        yaml_num=_yaml_num,
+        py_str=_py_str,
+        thousands=lambda n: f"{int(n):,}",
+        percent=_percent,
+        human_bytes=_human_bytes,
+        metric_name=_metric_name,
+        metric_value=_metric_value,
+    )
+    env.globals.update(mask_methods=MASK_METHODS)
+    return env.get_template(path.name).render(**context)
+
+
+def _yaml_str(value: Any) -> str:
+    """A double-quoted YAML scalar (JSON strings are valid YAML), safe whatever the text holds."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _py_str(value: Any) -> str:
+    """A double-quoted Python string literal (a JSON string is one)."""
+    return json.dumps(str(value))
+
+
+def _yaml_num(value: Any) -> str:
+    value = float(value)
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    return repr(value)
+
+
+def _percent(fraction: float) -> str:
+    """0.005 -> "0.5 %", 0.000123 -> "0.0123 %": three significant digits, no exponent."""
+    value = float(fraction) * 100
+    if value == 0:
+        return "0 %"
+    if value >= 10:
+        return f"{value:.1f} %"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".") + " %"
+
+
+def _human_bytes(n: int) -> str:
+    n = int(n)
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _metric_name(key: str) -> str:
+    return str(key).removeprefix("eval_")
+
+
+def _metric_value(value: Any) -> str:
+    value = float(value)
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"

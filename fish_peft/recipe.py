@@ -1,0 +1,135 @@
+"""Training recipes: a YAML file of known keys, overridable from the command line (`--lr 1e-3`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+METHODS = ("fish", "random", "full", "lora", "bitfit")
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs. Defaults are the FISH paper's GLUE setup."""
+
+    task: str = "sst2"  # a GLUE task, "rotten_tomatoes" (shipped demo data) or "custom" (train/validation files)
+    model: str = "bert-large-cased-whole-word-masking"  # Hub id or local folder
+    method: str = "fish"  # fish | random | full | lora | bitfit
+    keep_ratio: float = 0.005
+    num_samples: int = 1024  # examples for the Fisher
+    fisher: str = "empirical"  # empirical | expected
+    selection: str = "global"  # global | per_module
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    lr: float = 5e-5
+    epochs: float = 7
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    max_length: int = 128
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    text_columns: Optional[list[str]] = None  # custom data; GLUE tasks know theirs
+    label_column: str = "label"
+    num_labels: Optional[int] = None  # custom data: 1 for regression
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    save_dtype: Optional[str] = None  # float16 | bfloat16 for smaller FISH adapters
+    methods: list[str] = field(default_factory=lambda: list(METHODS))  # what `fish-peft compare` runs
+    lr_by_method: dict[str, float] = field(default_factory=dict)  # compare: each method's own learning rate
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Recipe: method must be one of {METHODS}, got {self.method!r}.")
+        unknown = [m for m in list(self.methods) + list(self.lr_by_method) if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Recipe: unknown method(s) {unknown}; choose from {METHODS}.")
+        for name in ("num_samples", "batch_size", "eval_batch_size", "max_length", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Recipe: {name} must be at least 1, got {getattr(self, name)}.")
+        if self.lr <= 0 or self.epochs <= 0:
+            raise ValueError(f"Recipe: lr and epochs must be positive, got lr={self.lr}, epochs={self.epochs}.")
+
+    def for_method(self, method: str) -> "Recipe":
+        """This recipe for one method of a comparison, in its own sub-folder, at that method's learning rate."""
+        return dataclasses.replace(
+            self, method=method, lr=self.lr_by_method.get(method, self.lr), output_dir=str(Path(self.output_dir) / method)
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Recipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
+
+
+def load_recipe(path: str, overrides: Optional[dict[str, str]] = None) -> Recipe:
+    """Read a recipe file and apply `--key value` overrides (strings, converted to each key's type)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Recipe file not found: {path}")
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping of keys to values.")
+    types_ = _field_types()
+    for key, raw in (overrides or {}).items():
+        data[key] = _convert(key, raw, types_.get(key))
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe key(s) {unknown}. Known keys: {', '.join(types_)}.")
+    return Recipe(**data)
+
+
+def _convert(key: str, raw: str, annotation: Any) -> Any:
+    """'1e-3' -> 1e-3 for a float key, 'a,b' -> ['a', 'b'] for a list key, 'none' -> None for an optional one."""
+    if annotation is None:
+        return raw  # reported as unknown by the caller
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    if optional and raw.lower() in ("none", "null"):
+        return None
+    target = args[0] if optional else annotation
+    origin = typing.get_origin(target)
+    try:
+        if origin is list:
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        if origin is dict:
+            return {k.strip(): float(v) for k, v in (pair.split("=") for pair in raw.split(",") if pair)}
+        if target is bool:
+            return raw.lower() in ("1", "true", "yes")
+        if target is int:
+            return int(raw)
+        if target is float:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"--{key.replace('_', '-')}: cannot read {raw!r} as {getattr(target, '__name__', target)}.") from None
+    return raw
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--lr', '1e-3', '--output-dir=x'] -> {'lr': '1e-3', 'output_dir': 'x'}."""
+    overrides, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"Expected --key value, got {arg!r}.")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ValueError(f"--{key} needs a value.")
+            value, i = args[i + 1], i + 1
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    return overrides
+

