@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 # model_cards/ sits next to the package, not inside it: a wheel must ship it explicitly (see pyproject.toml).
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "fish_adapter.md.j2"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "fish_adapter.md.j2"  # a link to the top-level model_cards/
 
 METHODS = ("fish", "random", "lora", "full", "bitfit")
 MASK_METHODS = ("fish", "random")  # the methods whose card shows the mask (statistics, per-parameter table, plot)

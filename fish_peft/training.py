@@ -335,7 +335,7 @@ def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMa
         "trainable_parameters": results["trainable_parameters"],
         "total_parameters": results["total_parameters"],
         "adapter_bytes": weight_bytes,
-        "metrics": next(iter(results["metrics"].values())),
+        "metrics": {k: v for k, v in next(iter(results["metrics"].values())).items() if k != "loss"},
         "mask_table": mask.report() if mask is not None else [],
         "plot_file": plot_file,
         "recipe_yaml": recipe.to_yaml(),

@@ -19,5 +19,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_demo_command_runs_the_demo():
     demo_command, _ = readme_commands()
-    assert demo_command.endswith("python -m fish_peft.demo")
+    assert demo_command.endswith("fish-peft compare recipes/demo.yaml")
     assert "-c constraints.txt" in demo_command and "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
