@@ -8,6 +8,7 @@ atomically, so an interrupted run never leaves a half-written adapter; Trainer's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,10 +16,12 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -45,39 +48,60 @@ RUN_MARKERS = ("results.json", "adapter_config.json", "recipe.yaml")
 PACKAGED_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
 
+@dataclass
+class Setup:
+    """What every command builds first from a recipe, in this order, before anything is trained."""
+
+    task: Task
+    tokenizer: Any
+    model: Any
+    tokenized: DatasetDict
+    collator: DataCollatorWithPadding
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "Setup":
+        set_seed(recipe.seed)
+        task, splits = load_task_splits(recipe)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
+        model = load_model(recipe, task, splits)
+        tokenized = tokenize_splits(splits, tokenizer, text_columns(recipe, task), recipe.max_length)
+        return cls(task, tokenizer, model, tokenized, DataCollatorWithPadding(tokenizer))
+
+    def evaluation_splits(self) -> dict[str, Any]:
+        """Tokenized validation splits by name."""
+        return {split: self.tokenized[split] for split in validation_splits(self.task, self.tokenized)}
+
+    def metric_fn(self):
+        return lambda prediction: compute_metrics(self.task, prediction.predictions, prediction.label_ids)
+
+
 def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate one method as the recipe says; returns what `results.json` holds."""
     out = Path(recipe.output_dir)
     check_output_dir(out, overwrite)
     started = time.perf_counter()
-    set_seed(recipe.seed)
-    task, splits = load_task_splits(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
-    model = load_model(recipe, task, splits)
-    tokenized = tokenize_splits(splits, tokenizer, text_columns(recipe, task), recipe.max_length)
-    collator = DataCollatorWithPadding(tokenizer)
-
+    setup = Setup.from_recipe(recipe)
     fisher_start = time.perf_counter()
-    mask = method_mask(recipe, model, tokenized["train"], collator)
+    mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
     fisher_seconds = time.perf_counter() - fisher_start if recipe.method == "fish" else None
-    model = apply_method(recipe, model, mask)
+    model = apply_method(recipe, setup.model, mask)
 
-    evaluation = {split: tokenized[split] for split in validation_splits(task, tokenized)}
+    evaluation = setup.evaluation_splits()
     timer = StepTimer()
     trainer = Trainer(
         model=model,
-        args=training_arguments(recipe, out, task),
-        train_dataset=tokenized["train"],
+        args=training_arguments(recipe, out, setup.task),
+        train_dataset=setup.tokenized["train"],
         eval_dataset=evaluation,
-        data_collator=collator,
-        compute_metrics=lambda prediction: compute_metrics(task, prediction.predictions, prediction.label_ids),
+        data_collator=setup.collator,
+        compute_metrics=setup.metric_fn(),
         callbacks=[timer],
     )
     trainer.train()
     best = {split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split) for split, dataset in evaluation.items()}
 
     results = {
-        "task": task.name,
+        "task": setup.task.name,
         "method": recipe.method,
         "model": recipe.model,
         "metrics": best,
@@ -88,9 +112,9 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         "mean_step_seconds": timer.mean(),
         "peak_memory_bytes": peak_memory_bytes(),
         "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info},
-        "recipe": json.loads(json.dumps(recipe.__dict__)),
+        "recipe": dataclasses.asdict(recipe),
     }
-    results["adapter_bytes"] = save_run(out, recipe, task, model, mask, results)
+    results["adapter_bytes"] = save_run(out, recipe, setup.task, model, mask, results)
     results["wall_seconds"] = time.perf_counter() - started
     write_json(out / "results.json", results)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -101,13 +125,9 @@ def build_mask_only(recipe: Recipe) -> tuple[FishMask, dict[str, tuple[int, ...]
     """The recipe's mask without training, and the shapes of all base parameters (for the plot)."""
     if recipe.method not in ("fish", "random", "bitfit"):
         raise ValueError(f"method {recipe.method!r} has no mask; use fish, random or bitfit.")
-    set_seed(recipe.seed)
-    task, splits = load_task_splits(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
-    model = load_model(recipe, task, splits)
-    tokenized = tokenize_splits(splits, tokenizer, text_columns(recipe, task), recipe.max_length)
-    mask = method_mask(recipe, model, tokenized["train"], DataCollatorWithPadding(tokenizer))
-    return mask, {name: tuple(p.shape) for name, p in base_named_parameters(model)}
+    setup = Setup.from_recipe(recipe)
+    mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
+    return mask, {name: tuple(p.shape) for name, p in base_named_parameters(setup.model)}
 
 
 def evaluate_run(run_dir: Path, overrides: dict[str, str]) -> dict[str, dict[str, float]]:
@@ -117,24 +137,20 @@ def evaluate_run(run_dir: Path, overrides: dict[str, str]) -> dict[str, dict[str
     if not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} holds no recipe.yaml; is it the output folder of `fish-peft train`?")
     recipe = load_recipe(str(run_dir / "recipe.yaml"), overrides)
-    task, splits = load_task_splits(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
+    setup = Setup.from_recipe(recipe)
     if (run_dir / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(load_model(recipe, task, splits), run_dir)
+        model = PeftModel.from_pretrained(setup.model, run_dir)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(run_dir)
-    tokenized = tokenize_splits(splits, tokenizer, text_columns(recipe, task), recipe.max_length)
     with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=recipe.eval_batch_size, report_to=[], use_cpu=not torch.cuda.is_available())
-        trainer = Trainer(
-            model=model,
-            args=args,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=lambda prediction: compute_metrics(task, prediction.predictions, prediction.label_ids),
+        args = TrainingArguments(
+            output_dir=scratch, per_device_eval_batch_size=recipe.eval_batch_size, report_to=[],
+            use_cpu=not torch.cuda.is_available(),
         )
+        trainer = Trainer(model=model, args=args, data_collator=setup.collator, compute_metrics=setup.metric_fn())
         return {
-            split: _strip_prefix(trainer.evaluate(tokenized[split], metric_key_prefix=split), split)
-            for split in validation_splits(task, tokenized)
+            split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split)
+            for split, dataset in setup.evaluation_splits().items()
         }
 
 
@@ -156,7 +172,7 @@ def resolve_model(name: str) -> str:
 def load_task_splits(recipe: Recipe):
     """The task and its prepared splits (text columns plus `labels`), checked before any training."""
     if recipe.task == "rotten_tomatoes":
-        task = custom_task(("sentence",), 2)
+        task = dataclasses.replace(custom_task(("sentence",), 2), name="rotten_tomatoes", label_names=("negative", "positive"))
         raw = rotten_tomatoes_splits(task)
     elif recipe.task == "custom":
         if not recipe.train_file or not recipe.validation_file:
@@ -184,8 +200,6 @@ def validation_splits(task: Task, splits) -> list[str]:
 
 def rotten_tomatoes_splits(task: Task):
     """The shipped Rotten Tomatoes sentences, split as the demo splits them."""
-    from datasets import Dataset, DatasetDict
-
     train, validation = split_rotten_tomatoes()
     as_columns = lambda rows: {"sentence": [s for s, _ in rows], "label": [label for _, label in rows]}  # noqa: E731
     return DatasetDict({"train": Dataset.from_dict(as_columns(train)), task.validation_splits[0]: Dataset.from_dict(as_columns(validation))})

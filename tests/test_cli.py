@@ -147,3 +147,34 @@ def test_help_of_every_command(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "--key value" in capsys.readouterr().out
+
+
+def test_custom_data_with_string_labels(checkpoint, tmp_path):
+    rows = [("good great happy film", "pos"), ("bad awful sad film", "neg")] * 8
+    for name, data in (("train.csv", rows), ("valid.csv", rows[:6])):
+        (tmp_path / name).write_text("review,sentiment\n" + "".join(f"{text},{label}\n" for text, label in data))
+    out = tmp_path / "run"
+    code = run_cli(
+        "train", RECIPES / "glue" / "sst2.yaml", "--task", "custom", "--text-columns", "review", "--num-labels", "2",
+        "--label-column", "sentiment", "--train-file", tmp_path / "train.csv", "--validation-file", tmp_path / "valid.csv",
+        "--model", checkpoint, "--output-dir", out, *FAST,
+    )
+    assert code == 0
+    config = json.loads((out / "results.json").read_text())
+    assert {"accuracy", "f1"} <= set(config["metrics"]["validation"])
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(out)).peft_type == "FISH"
+
+
+def test_demo_recipe_runs_on_the_packaged_model_and_data(tmp_path):
+    out = tmp_path / "demo"
+    code = run_cli(
+        "compare", RECIPES / "demo.yaml", "--methods", "fish,lora", "--output-dir", out,
+        "--max-train-samples", "64", "--max-eval-samples", "32", "--num-samples", "16",
+    )
+    assert code == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["fish", "lora"] and all("accuracy" in row["metrics"] for row in rows)
+    card = (out / "fish" / "README.md").read_text()
+    assert "sentence-transformers/all-MiniLM-L6-v2" in card and (out / "fish" / "mask.png").exists()
