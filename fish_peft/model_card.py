@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# model_cards/ sits next to the package, not inside it: a wheel must ship it explicitly (see pyproject.toml).
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "fish_adapter.md.j2"  # a link to the top-level model_cards/
+from .recipe import METHODS
 
-METHODS = ("fish", "random", "lora", "full", "bitfit")
+# fish_peft/model_cards is a link to the top-level model_cards/, so the wheel ships the template (package data).
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "fish_adapter.md.j2"
+
 MASK_METHODS = ("fish", "random")  # the methods whose card shows the mask (statistics, per-parameter table, plot)
 
 REQUIRED_KEYS = (
@@ -37,8 +38,7 @@ REQUIRED_KEYS = (
 def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | None = None) -> str:
     """The model card's Markdown (YAML front matter first), rendered from a Jinja2 template.
 
-    `template` is the path of a Jinja2 template file; by default `model_cards/fish_adapter.md.j2` of this
-    repository. Rendering is strict: a key the template uses but `context` lacks raises `jinja2.UndefinedError`
+    `template` is the path of a Jinja2 template file; by default `model_cards/fish_adapter.md.j2`. Rendering is strict: a key the template uses but `context` lacks raises `jinja2.UndefinedError`
     (for the default template every key below is checked up front, also those a section for another method skips).
 
     Context keys (all required; pass None / empty where the text says so):

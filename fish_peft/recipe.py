@@ -24,6 +24,7 @@ class Recipe:
     num_samples: int = 1024  # examples for the Fisher
     fisher: str = "empirical"  # empirical | expected
     selection: str = "global"  # global | per_module
+    eligible: Optional[str] = None  # regex of the parameter names the mask may pick (default: all)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])

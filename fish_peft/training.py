@@ -227,10 +227,11 @@ def method_mask(recipe: Recipe, model, train_dataset, collator) -> Optional[Fish
         generator = torch.Generator().manual_seed(recipe.seed)
         loader = DataLoader(train_dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collator, generator=generator)
         return compute_fisher_mask(
-            model, loader, recipe.keep_ratio, recipe.num_samples, selection=recipe.selection, fisher=recipe.fisher, progress=True
+            model, loader, recipe.keep_ratio, recipe.num_samples, selection=recipe.selection, eligible=recipe.eligible,
+            fisher=recipe.fisher, progress=True,
         )
     if recipe.method == "random":
-        return random_mask(model, recipe.keep_ratio, seed=recipe.seed, selection=recipe.selection)
+        return random_mask(model, recipe.keep_ratio, seed=recipe.seed, selection=recipe.selection, eligible=recipe.eligible)
     if recipe.method == "bitfit":
         return bias_mask(model)
     return None
