@@ -7,9 +7,11 @@ fine-tuning, above the random mask at the same budget, at least as good as LoRA 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from fish_peft.comparison import compare
@@ -26,7 +28,8 @@ def main():
     runs = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         recipe = dataclasses.replace(base, seed=seed, output_dir=str(Path(args.output_dir) / f"seed{seed}"))
-        compare(recipe, overwrite=True)
+        with contextlib.redirect_stdout(sys.stderr):  # Trainer logs to stdout; keep stdout for the JSON
+            compare(recipe, overwrite=True)
         rows = json.loads((Path(recipe.output_dir) / "comparison.json").read_text())["rows"]
         for row in rows:
             runs.setdefault(row["method"], []).append(row)
