@@ -153,9 +153,10 @@ def _wrap_tied_modules(model: nn.Module) -> None:
         if isinstance(module, FishLayer):
             for param_name, param in module.get_base_layer().named_parameters(recurse=False):
                 owners[id(param)] = (module, param_name)
-    inside_tuner = {name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    tuners = {name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
     for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) or any(name.startswith(t + ".") for t in inside_tuner):
+        ancestors = (name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1))
+        if name in tuners or any(a in tuners for a in ancestors):
             continue
         tied = {}
         sources = set()
