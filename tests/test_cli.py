@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
 from fish_peft.cli import main
 from fish_peft.masks import FishMask
