@@ -87,8 +87,3 @@ class FishConfig(PeftConfig):
             module, _, attr = name.rpartition(".")
             grouped.setdefault(module, []).append(attr)
         return grouped
-
-    @property
-    def num_sparse_values(self) -> int:
-        """Total number of trainable values of the sparse diff (the head not included)."""
-        return sum(self.sparse_parameters.values())

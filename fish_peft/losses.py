@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-KINDS = ("regression", "single_label", "multi_label", "causal_lm", "token")
 
 
 def loss_kind(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> str:
