@@ -27,6 +27,7 @@ def summary_row(results: dict) -> dict:
     return {
         "method": results["method"],
         "lr": results["recipe"]["lr"],
+        "batch_size": results["recipe"]["batch_size"],
         "metrics": {k: v for k, v in results["metrics"][first_split].items() if k not in ("loss", "epoch")},
         "trainable_parameters": results["trainable_parameters"],
         "trainable_percent": 100 * results["trainable_parameters"] / results["total_parameters"],
@@ -38,10 +39,10 @@ def summary_row(results: dict) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     metric_names = list(rows[0]["metrics"]) if rows else []
-    header = ["method", "lr", *metric_names, "trainable", "% of model", "saved bytes", "wall s"]
+    header = ["method", "lr", "batch", *metric_names, "trainable", "% of model", "saved bytes", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["method"], f"{row['lr']:g}", *(f"{row['metrics'].get(m, float('nan')):.4f}" for m in metric_names)]
+        cells = [row["method"], f"{row['lr']:g}", str(row["batch_size"]), *(f"{row['metrics'].get(m, float('nan')):.4f}" for m in metric_names)]
         cells += [f"{row['trainable_parameters']:,}", f"{row['trainable_percent']:.3f}", f"{row['adapter_bytes']:,}", f"{row['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

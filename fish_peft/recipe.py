@@ -46,12 +46,13 @@ class Recipe:
     max_eval_samples: Optional[int] = None
     save_dtype: Optional[str] = None  # float16 | bfloat16 for smaller FISH adapters
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # what `fish-peft compare` runs
-    lr_by_method: dict[str, float] = field(default_factory=dict)  # compare: each method's own learning rate
+    lr_by_method: dict[str, float] = field(default_factory=dict)  # each method's own learning rate (beats `lr`)
+    batch_size_by_method: dict[str, int] = field(default_factory=dict)  # each method's own batch size
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Recipe: method must be one of {METHODS}, got {self.method!r}.")
-        unknown = [m for m in list(self.methods) + list(self.lr_by_method) if m not in METHODS]
+        unknown = [m for m in [*self.methods, *self.lr_by_method, *self.batch_size_by_method] if m not in METHODS]
         if unknown:
             raise ValueError(f"Recipe: unknown method(s) {unknown}; choose from {METHODS}.")
         for name in ("num_samples", "batch_size", "eval_batch_size", "max_length", "lora_r"):
@@ -59,12 +60,23 @@ class Recipe:
                 raise ValueError(f"Recipe: {name} must be at least 1, got {getattr(self, name)}.")
         if self.lr <= 0 or self.epochs <= 0:
             raise ValueError(f"Recipe: lr and epochs must be positive, got lr={self.lr}, epochs={self.epochs}.")
+        if any(v <= 0 for v in self.lr_by_method.values()) or any(v < 1 for v in self.batch_size_by_method.values()):
+            raise ValueError(
+                f"Recipe: lr_by_method values must be positive and batch_size_by_method values at least 1, got "
+                f"{self.lr_by_method} and {self.batch_size_by_method}."
+            )
+
+    def with_method_settings(self) -> "Recipe":
+        """This recipe with `method`'s own learning rate and batch size (from the *_by_method tables) in effect."""
+        return dataclasses.replace(
+            self,
+            lr=self.lr_by_method.get(self.method, self.lr),
+            batch_size=self.batch_size_by_method.get(self.method, self.batch_size),
+        )
 
     def for_method(self, method: str) -> "Recipe":
-        """This recipe for one method of a comparison, in its own sub-folder, at that method's learning rate."""
-        return dataclasses.replace(
-            self, method=method, lr=self.lr_by_method.get(method, self.lr), output_dir=str(Path(self.output_dir) / method)
-        )
+        """This recipe for one method of a comparison, in its own sub-folder, with that method's own settings."""
+        return dataclasses.replace(self, method=method, output_dir=str(Path(self.output_dir) / method)).with_method_settings()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -86,6 +98,9 @@ def load_recipe(path: str, overrides: Optional[dict[str, str]] = None) -> Recipe
     types_ = _field_types()
     for key, raw in (overrides or {}).items():
         data[key] = _convert(key, raw, types_.get(key))
+    for key in ("lr", "batch_size"):  # an explicit --lr / --batch-size applies to every method
+        if key in (overrides or {}) and f"{key}_by_method" not in overrides:
+            data[f"{key}_by_method"] = {}
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ValueError(f"{path}: unknown recipe key(s) {unknown}. Known keys: {', '.join(types_)}.")
@@ -106,7 +121,8 @@ def _convert(key: str, raw: str, annotation: Any) -> Any:
         if origin is list:
             return [item.strip() for item in raw.split(",") if item.strip()]
         if origin is dict:
-            return {k.strip(): float(v) for k, v in (pair.split("=") for pair in raw.split(",") if pair)}
+            value_type = typing.get_args(target)[1]
+            return {k.strip(): value_type(v) for k, v in (pair.split("=") for pair in raw.split(",") if pair)}
         if target is bool:
             return raw.lower() in ("1", "true", "yes")
         if target is int:

@@ -76,7 +76,9 @@ class Setup:
 
 
 def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
-    """Train and evaluate one method as the recipe says; returns what `results.json` holds."""
+    """Train and evaluate one method as the recipe says (at its `lr_by_method` / `batch_size_by_method` values);
+    returns what `results.json` holds."""
+    recipe = recipe.with_method_settings()
     out = Path(recipe.output_dir)
     check_output_dir(out, overwrite)
     started = time.perf_counter()

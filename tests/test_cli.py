@@ -8,6 +8,7 @@ import yaml
 
 from fish_peft.cli import main
 from fish_peft.masks import FishMask
+from fish_peft.recipe import load_recipe, parse_overrides
 from tests.glue_files import GLUE_SCHEMA, WORDS, write_glue_files
 from tests.models import save_tiny_checkpoint
 
@@ -52,19 +53,32 @@ def test_compare_runs_every_method_on_the_same_data(checkpoint, tmp_path):
     out = tmp_path / "compare"
     code = run_cli(
         "compare", RECIPES / "glue" / "sst2.yaml", "--methods", "fish,random,lora,full,bitfit", "--model", checkpoint,
-        "--output-dir", out, "--lr-by-method", "fish=1e-3,random=1e-3,lora=1e-3", *FAST, *local_data("sst2", tmp_path),
+        "--output-dir", out, "--lr-by-method", "fish=1e-3,random=1e-3,lora=1e-3", *FAST, "--batch-size-by-method", "fish=4",
+        *local_data("sst2", tmp_path),
     )
     assert code == 0
     rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
     assert list(rows) == ["fish", "random", "lora", "full", "bitfit"]
     assert rows["fish"]["trainable_parameters"] == rows["random"]["trainable_parameters"]  # same budget
     assert rows["fish"]["lr"] == 1e-3 and rows["full"]["lr"] == 5e-5
+    assert rows["fish"]["batch_size"] == 4 and rows["full"]["batch_size"] == 8
     total = json.loads((out / "full" / "results.json").read_text())["total_parameters"]
     assert rows["full"]["trainable_parameters"] == total
     assert rows["fish"]["trainable_parameters"] == int(total * 0.005)  # k plus the head: the paper's budget
     assert rows["bitfit"]["trainable_parameters"] < total
     table = (out / "comparison.md").read_text()
     assert all(f"| {method} |" in table for method in rows)
+
+
+def test_each_method_trains_at_its_own_settings_unless_the_command_line_says_otherwise():
+    demo = load_recipe(RECIPES / "demo.yaml", parse_overrides(["--method", "full"]))
+    assert demo.with_method_settings().lr == demo.lr_by_method["full"]
+    explicit = load_recipe(RECIPES / "demo.yaml", parse_overrides(["--method", "fish", "--lr", "3e-4", "--batch-size", "7"]))
+    assert (explicit.with_method_settings().lr, explicit.with_method_settings().batch_size) == (3e-4, 7)
+    table = load_recipe(RECIPES / "demo.yaml", parse_overrides(["--batch-size-by-method", "fish=12"]))
+    assert table.for_method("fish").batch_size == 12 and isinstance(table.for_method("fish").batch_size, int)
+    with pytest.raises(ValueError, match="batch_size_by_method"):
+        load_recipe(RECIPES / "demo.yaml", parse_overrides(["--batch-size-by-method", "fish=0"]))
 
 
 def test_mask_command_saves_mask_report_and_plot(checkpoint, tmp_path):
