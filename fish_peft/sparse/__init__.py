@@ -1,0 +1,9 @@
+"""Always-sparse training of whole networks: Top-KAST and sparse momentum mask engines."""
+
+from .densities import layer_densities
+from .engine import MaskEngine
+from .sparse_momentum import SparseMomentum
+from .targets import SparseTrainingError, find_sparse_weights
+from .topkast import TopKAST
+
+__all__ = ["MaskEngine", "SparseMomentum", "SparseTrainingError", "TopKAST", "find_sparse_weights", "layer_densities"]

@@ -1,0 +1,100 @@
+"""What Top-KAST and sparse momentum share: the sparse weights and their densities, the optimizer, the step count
+and the schedule of mask updates. Call `engine.step()` after every `optimizer.step()`."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .densities import layer_densities
+from .optimizer_state import groups_of, unwrap_optimizer
+from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError, find_sparse_weights
+
+
+class MaskEngine:
+    """Base class; subclasses define `_check_optimizer`, `_after_optimizer_step`, `update_masks` and `masks`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer=None,
+        *,
+        density: float,
+        distribution: str,
+        update_every: int,
+        module_types: Sequence[type] = DEFAULT_SPARSE_MODULES,
+        exclude: Optional[str] = None,
+    ):
+        if not isinstance(update_every, int) or update_every < 1:
+            raise SparseTrainingError(f"update_every must be a whole number of steps >= 1, got {update_every!r}.")
+        self.model = model
+        self.weights = find_sparse_weights(model, module_types, exclude)
+        self.densities = layer_densities({w.name: w.parameter.shape for w in self.weights}, density, distribution)
+        self.density_target = density
+        self.update_every = update_every
+        self.steps = 0
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._pending_optimizer = optimizer
+
+    def bind(self, optimizer) -> None:
+        """Use `optimizer` (a torch optimizer, or Accelerate's / Trainer's wrapper around one) from now on."""
+        optimizer = unwrap_optimizer(optimizer)
+        groups_of(optimizer, [w.parameter for w in self.weights])
+        self._check_optimizer(optimizer)
+        self.optimizer = optimizer
+
+    def step(self, optimizer=None) -> bool:
+        """Call after `optimizer.step()`. Keeps the sparsity and, every `update_every` steps, updates the masks;
+        returns whether it did."""
+        if optimizer is not None and unwrap_optimizer(optimizer) is not self.optimizer:
+            self.bind(optimizer)
+        if self.optimizer is None:
+            raise SparseTrainingError("The engine has no optimizer: pass it to the constructor, to bind() or to step().")
+        self.steps += 1
+        self._after_optimizer_step()
+        if self.steps % self.update_every == 0 and self._should_update():
+            self.update_masks()
+            return True
+        return False
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{weight name: bool mask of the weights the forward pass uses}."""
+        raise NotImplementedError
+
+    def density(self) -> float:
+        """The fraction of sparse-layer weights the forward pass uses."""
+        masks = self.masks()
+        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+    def mask_digest(self) -> str:
+        """A hash of every mask: equal on every process when the masks agree."""
+        digest = hashlib.sha256()
+        for name, mask in sorted(self.masks().items()):
+            digest.update(name.encode())
+            digest.update(mask.detach().cpu().flatten().numpy().tobytes())
+        return digest.hexdigest()
+
+    def export_dense(self) -> nn.Module:
+        """The model as an ordinary dense model, zeros where weights are pruned (`save_pretrained` as usual)."""
+        return self.model
+
+    def _should_update(self) -> bool:
+        return True
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def _after_optimizer_step(self) -> None:
+        pass
+
+    def update_masks(self) -> None:
+        raise NotImplementedError
+
+    def _bind_pending(self) -> None:
+        """Subclasses call this once their masks exist, so an optimizer given to the constructor is checked then."""
+        if self._pending_optimizer is not None:
+            self.bind(self._pending_optimizer)
+            self._pending_optimizer = None
