@@ -19,6 +19,15 @@ OVERRIDES_HELP = (
 )
 
 
+def _sparse_keys() -> str:
+    from .sparse.from_scratch import SparseRecipe
+
+    return ", ".join(f.name for f in dataclasses.fields(SparseRecipe))
+
+
+SPARSE_OVERRIDES_HELP = f"Any recipe key can be overridden as --key value, e.g. --density 0.1 --method topkast. Keys: {_sparse_keys()}."
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -55,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: the recipe's `methods`)")
     compare.add_argument("--overwrite", action="store_true")
     compare.set_defaults(handler=compare_command)
+
+    sparse = commands.add_parser(
+        "sparse-train", help="train a network from scratch with Top-KAST or sparse momentum",
+        description=sparse_train_command.__doc__, epilog=SPARSE_OVERRIDES_HELP,
+    )
+    sparse.add_argument("recipe", help="YAML recipe, e.g. recipes/sparse/digits_sparse_momentum.yaml")
+    sparse.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    sparse.set_defaults(handler=sparse_train_command)
     return parser
 
 
@@ -109,6 +126,18 @@ def compare_command(args, overrides) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(recipe.methods)
     recipe = dataclasses.replace(recipe, methods=methods)
     print(compare(recipe, overwrite=args.overwrite))
+    return 0
+
+
+def sparse_train_command(args, overrides) -> int:
+    """Train a network from scratch at a fixed density (dense, static random mask, sparse momentum or Top-KAST) in
+    an Accelerate loop (one process, or several under `accelerate launch`), and write results.json and the sparse
+    model (sparse_model.safetensors: indices + values) into output_dir."""
+    from .sparse.from_scratch import SparseRecipe, train_sparse
+
+    recipe = load_recipe(args.recipe, overrides, SparseRecipe)
+    results = train_sparse(recipe, overwrite=args.overwrite)
+    print(json.dumps({k: results[k] for k in ("test_accuracy", "density", "mask_updates", "mask_update_share")}, indent=2))
     return 0
 
 

@@ -82,29 +82,30 @@ class Recipe:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(Recipe)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
+def _field_types(recipe_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(recipe_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(recipe_cls)}
 
 
-def load_recipe(path: str, overrides: Optional[dict[str, str]] = None) -> Recipe:
-    """Read a recipe file and apply `--key value` overrides (strings, converted to each key's type)."""
+def load_recipe(path: str, overrides: Optional[dict[str, str]] = None, recipe_cls: type = Recipe):
+    """Read a recipe file and apply `--key value` overrides (strings, converted to each key's type); `recipe_cls`
+    is the dataclass of known keys (fine-tuning `Recipe` by default)."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"Recipe file not found: {path}")
     data = yaml.safe_load(file.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of keys to values.")
-    types_ = _field_types()
+    types_ = _field_types(recipe_cls)
     for key, raw in (overrides or {}).items():
         data[key] = _convert(key, raw, types_.get(key))
     for key in ("lr", "batch_size"):  # an explicit --lr / --batch-size applies to every method
-        if key in (overrides or {}) and f"{key}_by_method" not in overrides:
+        if key in (overrides or {}) and f"{key}_by_method" in types_ and f"{key}_by_method" not in overrides:
             data[f"{key}_by_method"] = {}
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ValueError(f"{path}: unknown recipe key(s) {unknown}. Known keys: {', '.join(types_)}.")
-    return Recipe(**data)
+    return recipe_cls(**data)
 
 
 def _convert(key: str, raw: str, annotation: Any) -> Any:

@@ -1,6 +1,8 @@
 """Top-KAST and sparse momentum on whole networks: the papers' rules, checked against plain computations."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from fish_peft.sparse.callback import SparseTrainingCallback
 from fish_peft.sparse.checkpoint import SparseCheckpointError, load_sparse_model, save_sparse_model
 from fish_peft.sparse.sparse_momentum import allocate
 from tests.models import example_inputs, tiny_gpt2
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def mlp(seed=0, width=40):
@@ -280,3 +284,24 @@ def test_a_sparse_network_saves_compactly_and_loads_into_the_dense_class(tmp_pat
 def test_bad_settings_are_refused_before_training(make, message):
     with pytest.raises(SparseTrainingError, match=message):
         make(mlp())
+
+
+@pytest.mark.parametrize("recipe", ["digits_sparse_momentum", "digits_topkast"])
+def test_sparse_train_command_runs_a_recipe_and_saves_a_loadable_sparse_model(recipe, tmp_path, capsys):
+    from fish_peft.cli import main
+    from fish_peft.sparse.from_scratch import build_model, digits_splits
+
+    out = tmp_path / recipe
+    path = RECIPES / "sparse" / f"{recipe}.yaml"
+    assert main(["sparse-train", str(path), "--epochs", "2", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["density"] == pytest.approx(0.1, abs=1e-3) and results["mask_updates"] > 0
+    model = load_sparse_model(build_model("mlp"), str(out / "sparse_model.safetensors"))
+    _, test_set = digits_splits()
+    accuracy = (model(test_set.tensors[0]).argmax(-1) == test_set.tensors[1]).float().mean().item()
+    assert accuracy == pytest.approx(results["test_accuracy"])
+    sparse_layers = [m.weight for m in model if isinstance(m, nn.Linear)]
+    kept = sum(int((w != 0).sum()) for w in sparse_layers) / sum(w.numel() for w in sparse_layers)
+    assert 0.05 < kept <= 0.1 + 1e-3  # a kept weight may be zero (a regrown one fed by an always-blank pixel)
+    assert main(["sparse-train", str(path), "--epochs", "1", "--output-dir", str(out)]) == 2  # refuses to overwrite
+    assert "already holds a run" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 from .densities import layer_densities
 from .engine import MaskEngine
 from .sparse_momentum import SparseMomentum
+from .static import StaticSparse
 from .targets import SparseTrainingError, find_sparse_weights
 from .topkast import TopKAST
 
-__all__ = ["MaskEngine", "SparseMomentum", "SparseTrainingError", "TopKAST", "find_sparse_weights", "layer_densities"]
+__all__ = ["MaskEngine", "SparseMomentum", "SparseTrainingError", "StaticSparse", "TopKAST", "find_sparse_weights", "layer_densities"]

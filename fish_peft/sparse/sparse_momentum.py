@@ -15,13 +15,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .densities import kept_count
-from .engine import MaskEngine
 from .optimizer_state import check_momentum_optimizer, momentum_magnitude
+from .static import StaticSparse
 from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError
 
 
-class SparseMomentum(MaskEngine):
+class SparseMomentum(StaticSparse):
     """Sparse momentum on the Linear, Conv and Embedding weights of `model` (biases and norms stay dense).
 
     The initial masks are random at each layer's density (seeded). With SGD the momentum is its buffer; with Adam or
@@ -48,43 +47,22 @@ class SparseMomentum(MaskEngine):
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise SparseTrainingError(f"total_steps (for the cosine decay of the prune rate) must be >= 1, got {total_steps!r}.")
         super().__init__(
-            model, optimizer, density=density, distribution=distribution, update_every=update_every,
+            model, optimizer, density=density, distribution=distribution, seed=seed, update_every=update_every,
             module_types=module_types, exclude=exclude,
         )
         self.prune_rate = prune_rate
         self.total_steps = total_steps
-        generator = torch.Generator().manual_seed(seed)
-        self._masks: dict[str, torch.Tensor] = {}
-        for weight in self.weights:
-            numel = weight.parameter.numel()
-            chosen = torch.randperm(numel, generator=generator)[: kept_count(numel, self.densities[weight.name])]
-            mask = torch.zeros(numel, dtype=torch.bool)
-            mask[chosen] = True
-            self._masks[weight.name] = mask.view_as(weight.parameter).to(weight.parameter.device)
-        self._apply_masks()
-        self._bind_pending()
 
     def current_prune_rate(self) -> float:
         if self.total_steps is None:
             raise SparseTrainingError("SparseMomentum needs total_steps= (training steps) for its prune-rate schedule.")
         return self.prune_rate * 0.5 * (1 + math.cos(math.pi * min(self.steps, self.total_steps) / self.total_steps))
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        return dict(self._masks)
-
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         check_momentum_optimizer(optimizer, [w.parameter for w in self.weights])
 
-    def _after_optimizer_step(self) -> None:
-        self._apply_masks()
-
     def _should_update(self) -> bool:
         return self.total_steps is None or self.steps < self.total_steps
-
-    def _apply_masks(self) -> None:
-        with torch.no_grad():
-            for weight in self.weights:
-                weight.parameter.mul_(self._masks[weight.name])
 
     def update_masks(self) -> None:
         """Prune by magnitude, redistribute by momentum, regrow by momentum; the number of active weights is kept."""
