@@ -4,6 +4,7 @@ and the schedule of mask updates. Call `engine.step()` after every `optimizer.st
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +37,7 @@ class MaskEngine:
         self.density_target = density
         self.update_every = update_every
         self.steps = 0
+        self.update_seconds = 0.0  # time spent in mask updates, for measuring their overhead
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._pending_optimizer = optimizer
 
@@ -56,7 +58,9 @@ class MaskEngine:
         self.steps += 1
         self._after_optimizer_step()
         if self.steps % self.update_every == 0 and self._should_update():
+            started = time.perf_counter()
             self.update_masks()
+            self.update_seconds += time.perf_counter() - started
             return True
         return False
 

@@ -145,8 +145,8 @@ def train_sparse(recipe: SparseRecipe, accelerator: Optional[Accelerator] = None
         "density": engine.density() if engine is not None else 1.0,
         "mask_updates": updates,
         "train_seconds": train_seconds,
-        "mask_update_seconds": engine_seconds,
-        "mask_update_share": engine_seconds / train_seconds,
+        "mask_update_share": (engine.update_seconds if engine is not None else 0.0) / train_seconds,  # prune/regrow
+        "engine_share": engine_seconds / train_seconds,  # all of engine.step(), with keeping pruned weights at zero
     }
     if accelerator.is_main_process:
         save_run(recipe, engine, accelerator.unwrap_model(model), results)
