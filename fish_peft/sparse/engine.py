@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
 import torch
@@ -15,8 +16,9 @@ from .optimizer_state import groups_of, unwrap_optimizer
 from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError, find_sparse_weights
 
 
-class MaskEngine:
-    """Base class; subclasses define `_check_optimizer`, `_after_optimizer_step`, `update_masks` and `masks`."""
+class MaskEngine(ABC):
+    """Base class; subclasses define `masks` and may refine `_check_optimizer`, `_after_optimizer_step`,
+    `_should_update` and `update_masks`."""
 
     def __init__(
         self,
@@ -64,9 +66,9 @@ class MaskEngine:
             return True
         return False
 
+    @abstractmethod
     def masks(self) -> dict[str, torch.Tensor]:
         """{weight name: bool mask of the weights the forward pass uses}."""
-        raise NotImplementedError
 
     def density(self) -> float:
         """The fraction of sparse-layer weights the forward pass uses."""
@@ -95,7 +97,7 @@ class MaskEngine:
         pass
 
     def update_masks(self) -> None:
-        raise NotImplementedError
+        """Move the masks by the engine's rule (none here: a fixed mask)."""
 
     def _bind_pending(self) -> None:
         """Subclasses call this once their masks exist, so an optimizer given to the constructor is checked then."""

@@ -73,8 +73,11 @@ def digits_splits(test_fraction: float = 0.2) -> tuple[TensorDataset, TensorData
     train_x, test_x, train_y, test_y = train_test_split(
         images / 16.0, labels, test_size=test_fraction, stratify=labels, random_state=0
     )
-    as_set = lambda x, y: TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long))  # noqa: E731
-    return as_set(train_x, train_y), as_set(test_x, test_y)
+    return _tensors(train_x, train_y), _tensors(test_x, test_y)
+
+
+def _tensors(images, labels) -> TensorDataset:
+    return TensorDataset(torch.tensor(images, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))
 
 
 def build_model(kind: str) -> nn.Module:
