@@ -17,13 +17,13 @@ from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError, find_sparse_we
 
 
 class MaskEngine(ABC):
-    """Base class; subclasses define `masks` and may refine `_check_optimizer`, `_after_optimizer_step`,
+    """Base class; subclasses bind an optimizer given to their constructor once their masks exist, define `masks`
+    and may refine `_check_optimizer`, `_after_optimizer_step`,
     `_should_update` and `update_masks`."""
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer=None,
         *,
         density: float,
         distribution: str,
@@ -41,7 +41,6 @@ class MaskEngine(ABC):
         self.steps = 0
         self.update_seconds = 0.0  # time spent in mask updates, for measuring their overhead
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self._pending_optimizer = optimizer
 
     def bind(self, optimizer) -> None:
         """Use `optimizer` (a torch optimizer, or Accelerate's / Trainer's wrapper around one) from now on."""
@@ -98,9 +97,3 @@ class MaskEngine(ABC):
 
     def update_masks(self) -> None:
         """Move the masks by the engine's rule (none here: a fixed mask)."""
-
-    def _bind_pending(self) -> None:
-        """Subclasses call this once their masks exist, so an optimizer given to the constructor is checked then."""
-        if self._pending_optimizer is not None:
-            self.bind(self._pending_optimizer)
-            self._pending_optimizer = None

@@ -29,7 +29,7 @@ class StaticSparse(MaskEngine):
         exclude: Optional[str] = None,
     ):
         super().__init__(
-            model, optimizer, density=density, distribution=distribution, update_every=update_every,
+            model, density=density, distribution=distribution, update_every=update_every,
             module_types=module_types, exclude=exclude,
         )
         generator = torch.Generator().manual_seed(seed)
@@ -41,7 +41,8 @@ class StaticSparse(MaskEngine):
             mask[chosen] = True
             self._masks[weight.name] = mask.view_as(weight.parameter).to(weight.parameter.device)
         self._apply_masks()
-        self._bind_pending()
+        if optimizer is not None:
+            self.bind(optimizer)
 
     def masks(self) -> dict[str, torch.Tensor]:
         return dict(self._masks)

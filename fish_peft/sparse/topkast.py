@@ -75,7 +75,7 @@ class TopKAST(MaskEngine):
         if penalty < 0:
             raise SparseTrainingError(f"penalty must be >= 0, got {penalty}.")
         super().__init__(
-            model, optimizer, density=forward_density, distribution=distribution, update_every=update_every,
+            model, density=forward_density, distribution=distribution, update_every=update_every,
             module_types=module_types, exclude=exclude,
         )
         self.penalty = penalty
@@ -88,7 +88,8 @@ class TopKAST(MaskEngine):
             for module, attribute in weight.holders:
                 parametrize.register_parametrization(module, attribute, self.parametrizations[weight.name], unsafe=True)
             self._hooks.append(weight.parameter.register_hook(self._penalty_gradient(weight.name, weight.parameter)))
-        self._bind_pending()
+        if optimizer is not None:
+            self.bind(optimizer)
 
     def counts(self, name: str) -> tuple[int, int]:
         """Sizes of A and B for one weight."""
