@@ -12,6 +12,7 @@ from peft.config import PeftConfig
 from ._registration import FISH_PEFT_TYPE
 from .masks import FishMask
 
+MASK_UPDATES = (None, "topkast", "sparse_momentum")
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -30,6 +31,13 @@ class FishConfig(PeftConfig):
             the mask's budget was drawn for.
         save_dtype: dtype of the values in `adapter_model.safetensors` ("float32", "float16" or "bfloat16"); `None`
             keeps the training dtype (float32). Training always happens on float32 values.
+        mask_update: `None` keeps the mask fixed. "topkast" or "sparse_momentum" let the diff's support move while
+            it trains (k entries always; see `fish_peft.sparse.evolving_diff_engine`, which runs the updates).
+        update_every: optimizer steps between two updates of the support.
+        prune_rate: fraction of the entries replaced at the first update, decayed along a cosine to 0 (sparse
+            momentum: of each parameter's entries; Top-KAST: of its exploration entries).
+        exploration: Top-KAST's backward set holds (1 + exploration) * k entries (M/D in the paper).
+        penalty: λ of Top-KAST's exploration penalty.
     """
 
     mask: InitVar[Optional[FishMask]] = None
@@ -45,6 +53,13 @@ class FishConfig(PeftConfig):
     save_dtype: Optional[str] = field(
         default=None, metadata={"help": "dtype of saved values: float32, float16 or bfloat16 (None: float32)."}
     )
+    mask_update: Optional[str] = field(
+        default=None, metadata={"help": "None (fixed support), 'topkast' or 'sparse_momentum' (support evolves)."}
+    )
+    update_every: int = field(default=100, metadata={"help": "Optimizer steps between support updates."})
+    prune_rate: float = field(default=0.5, metadata={"help": "Fraction of entries replaced at the first update."})
+    exploration: float = field(default=1.0, metadata={"help": "Top-KAST: exploration entries per forward entry."})
+    penalty: float = field(default=1e-4, metadata={"help": "Top-KAST: λ of the exploration penalty."})
     mask_info: dict = field(default_factory=dict, metadata={"help": "How the mask was chosen (method, keep ratio)."})
     # PEFT's injection code reads `target_modules`; FISH targets exactly the modules owning `sparse_parameters`.
     target_modules: Optional[Union[list[str], str]] = field(default=None, repr=False)
@@ -79,6 +94,19 @@ class FishConfig(PeftConfig):
                 raise ValueError(f"FishConfig: '{name}' cannot have {count} entries, it has only {math.prod(self.parameter_shapes[name])}.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"FishConfig: save_dtype must be one of {sorted(SAVE_DTYPES)} or None, got {self.save_dtype!r}.")
+        self._check_mask_update()
+
+    def _check_mask_update(self) -> None:
+        if self.mask_update not in MASK_UPDATES:
+            raise ValueError(f"FishConfig: mask_update must be one of {MASK_UPDATES}, got {self.mask_update!r}.")
+        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ValueError(f"FishConfig: update_every must be a whole number of steps >= 1, got {self.update_every!r}.")
+        if not 0 < self.prune_rate < 1:
+            raise ValueError(f"FishConfig: prune_rate must be in (0, 1), got {self.prune_rate!r}.")
+        if not self.exploration > 0:
+            raise ValueError(f"FishConfig: exploration must be > 0 (Top-KAST's M/D), got {self.exploration!r}.")
+        if not self.penalty >= 0:
+            raise ValueError(f"FishConfig: penalty must be >= 0, got {self.penalty!r}.")
 
     def module_parameters(self) -> dict[str, list[str]]:
         """Adapted parameters grouped by the module that owns them: {module name: [parameter attribute names]}."""

@@ -16,6 +16,21 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+class _ExplorationGradient(torch.autograd.Function):
+    """Identity on the effective weight; in backward, also hands the exploration values the weight's gradient at
+    their indices, as if they were in the forward pass (Top-KAST's backward set)."""
+
+    @staticmethod
+    def forward(ctx, effective, values, indices):
+        ctx.save_for_backward(indices)
+        return effective
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return grad, grad[indices.long()], None
+
+
 class _Wrapper(nn.Module):
     """A module around `base_layer` that exposes the wrapped module's attributes (`eps`, `padding_idx`, ...)."""
 
@@ -36,16 +51,23 @@ class FishLayer(_Wrapper, BaseTunerLayer):
     frozen, so optimizer state is proportional to the number of values. Works for Linear, Embedding, GPT-2 Conv1D,
     LayerNorm/RMSNorm and any module whose direct parameters the mask names, because the forward is the wrapped
     module's own forward called with substituted parameters.
+
+    While a Top-KAST diff trains, `fish_explore_values` / `fish_explore_indices` hold its exploration entries: they
+    receive gradients but take no part in the forward pass and are not saved. `captured_gradients`, when set to a
+    dict, collects the dense gradient of every effective parameter (what evolving diffs regrow by).
     """
 
-    adapter_layer_names = ("fish_values",)
-    other_param_names = ("fish_indices",)
+    adapter_layer_names = ("fish_values", "fish_explore_values")
+    other_param_names = ("fish_indices", "fish_explore_indices")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, indices: dict[str, torch.Tensor]):
         super().__init__()
         self.base_layer = base_layer
         self.fish_values = nn.ModuleDict()
         self.fish_indices = nn.ModuleDict()
+        self.fish_explore_values = nn.ModuleDict()
+        self.fish_explore_indices = nn.ModuleDict()
+        self.captured_gradients: Optional[dict[str, torch.Tensor]] = None
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
@@ -67,6 +89,19 @@ class FishLayer(_Wrapper, BaseTunerLayer):
         self.fish_indices[adapter_name] = BufferDict(buffers, persistent=True)
         self.set_adapter(self.active_adapters)
 
+    def set_exploration(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
+        """Give adapter `adapter_name` zero-initialised exploration entries at `indices` ({param attribute: flat
+        indices}, disjoint from the adapter's own)."""
+        base = self.get_base_layer()
+        values, buffers = {}, {}
+        for param_name, idx in indices.items():
+            weight = getattr(base, param_name)
+            values[param_name] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
+            buffers[param_name] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
+        self.fish_explore_values[adapter_name] = nn.ParameterDict(values)
+        self.fish_explore_indices[adapter_name] = BufferDict(buffers, persistent=False)
+        self.set_adapter(self.active_adapters)
+
     def adapted_parameters(self, adapter_name: str) -> list[str]:
         return list(self.fish_values[adapter_name].keys()) if adapter_name in self.fish_values else []
 
@@ -80,7 +115,26 @@ class FishLayer(_Wrapper, BaseTunerLayer):
                 flat = effective.get(param_name, weight.reshape(-1))
                 values = self.fish_values[adapter_name][param_name].to(weight.dtype)
                 effective[param_name] = flat.index_add(0, self.fish_indices[adapter_name][param_name], values)
+                if adapter_name in self.fish_explore_values and param_name in self.fish_explore_values[adapter_name]:
+                    effective[param_name] = _ExplorationGradient.apply(
+                        effective[param_name],
+                        self.fish_explore_values[adapter_name][param_name],
+                        self.fish_explore_indices[adapter_name][param_name],
+                    )
+        if self.captured_gradients is not None:
+            for name, flat in effective.items():
+                if flat.requires_grad:
+                    flat.register_hook(self._gradient_collector(name))
         return {name: flat.view_as(getattr(base, name)) for name, flat in effective.items()}
+
+    def _gradient_collector(self, param_name: str):
+        def collect(grad: torch.Tensor) -> None:
+            if self.captured_gradients is not None:
+                previous = self.captured_gradients.get(param_name)
+                grad = grad.detach().float()
+                self.captured_gradients[param_name] = grad if previous is None else previous + grad
+
+        return collect
 
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The dense Δ of every parameter adapter `adapter_name` touches."""

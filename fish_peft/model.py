@@ -61,6 +61,8 @@ class FishModel(BaseTuner):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         entries, rest = {}, {}
         for key, tensor in selected.items():
+            if ".fish_explore_" in key:
+                continue  # a Top-KAST diff's exploration entries are training state, not part of the adapter
             module, kind, attr = _split_fish_key(key, adapter_name)
             if kind is None:
                 rest[key] = tensor

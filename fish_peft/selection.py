@@ -63,7 +63,7 @@ def base_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
     """(name in the bare base model, parameter), also when `model` is wrapped by PEFT; what the wrapper added
     (adapter values, LoRA matrices, trainable copies of the head) is left out."""
     for name, param in model.named_parameters():
-        if ".fish_values." in name or ".modules_to_save." in name or ".lora_" in name:
+        if ".fish_values." in name or ".fish_explore_values." in name or ".modules_to_save." in name or ".lora_" in name:
             continue
         yield name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", "."), param
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..packing import PACKED_KEYS, PackingError, pack, unpack
-from .engine import MaskEngine
+from .engine import NetworkMaskEngine
 
 FORMAT = "fish-peft-sparse-network"
 DENSE_PREFIX = "dense."
@@ -23,7 +23,7 @@ class SparseCheckpointError(ValueError):
     """A sparse-network file that is not one, is damaged, or belongs to another model."""
 
 
-def save_sparse_model(engine: MaskEngine, path: str) -> None:
+def save_sparse_model(engine: NetworkMaskEngine, path: str) -> None:
     """Write the weights the forward pass uses (values at the mask's indices) and every dense tensor, atomically."""
     masks = engine.masks()
     entries, shapes, sparse_storage = {}, {}, set()

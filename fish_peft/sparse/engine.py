@@ -1,5 +1,6 @@
-"""What Top-KAST and sparse momentum share: the sparse weights and their densities, the optimizer, the step count
-and the schedule of mask updates. Call `engine.step()` after every `optimizer.step()`."""
+"""What every mask engine shares: the optimizer, the step count and the schedule of mask updates. Call
+`engine.step()` after every `optimizer.step()`. `NetworkMaskEngine` adds the sparse weights of a whole network and
+their densities (Top-KAST, sparse momentum, the static control); the evolving FISH diffs build on `MaskEngine`."""
 
 from __future__ import annotations
 
@@ -18,34 +19,26 @@ from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError, find_sparse_we
 
 class MaskEngine(ABC):
     """Base class; subclasses bind an optimizer given to their constructor once their masks exist, define `masks`
-    and may refine `_check_optimizer`, `_after_optimizer_step`,
-    `_should_update` and `update_masks`."""
+    and `trained_parameters`, and may refine `_check_optimizer`, `_after_optimizer_step`, `_should_update` and
+    `update_masks`."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        density: float,
-        distribution: str,
-        update_every: int,
-        module_types: Sequence[type] = DEFAULT_SPARSE_MODULES,
-        exclude: Optional[str] = None,
-    ):
+    def __init__(self, model: nn.Module, *, update_every: int):
         if not isinstance(update_every, int) or update_every < 1:
             raise SparseTrainingError(f"update_every must be a whole number of steps >= 1, got {update_every!r}.")
         self.model = model
-        self.weights = find_sparse_weights(model, module_types, exclude)
-        self.densities = layer_densities({w.name: w.parameter.shape for w in self.weights}, density, distribution)
-        self.density_target = density
         self.update_every = update_every
         self.steps = 0
         self.update_seconds = 0.0  # time spent in mask updates, for measuring their overhead
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
+    @abstractmethod
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """The tensors the optimizer must train for the engine to work."""
+
     def bind(self, optimizer) -> None:
         """Use `optimizer` (a torch optimizer, or Accelerate's / Trainer's wrapper around one) from now on."""
         optimizer = unwrap_optimizer(optimizer)
-        groups_of(optimizer, [w.parameter for w in self.weights])
+        groups_of(optimizer, self.trained_parameters())
         self._check_optimizer(optimizer)
         self.optimizer = optimizer
 
@@ -82,10 +75,6 @@ class MaskEngine(ABC):
             digest.update(mask.detach().cpu().flatten().numpy().tobytes())
         return digest.hexdigest()
 
-    def export_dense(self) -> nn.Module:
-        """The model as an ordinary dense model, zeros where weights are pruned (`save_pretrained` as usual)."""
-        return self.model
-
     def _should_update(self) -> bool:
         return True
 
@@ -97,3 +86,29 @@ class MaskEngine(ABC):
 
     def update_masks(self) -> None:
         """Move the masks by the engine's rule (none here: a fixed mask)."""
+
+
+class NetworkMaskEngine(MaskEngine):
+    """An engine over the sparse weights of a whole network, each layer at its share of the `density` budget."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        density: float,
+        distribution: str,
+        update_every: int,
+        module_types: Sequence[type] = DEFAULT_SPARSE_MODULES,
+        exclude: Optional[str] = None,
+    ):
+        super().__init__(model, update_every=update_every)
+        self.weights = find_sparse_weights(model, module_types, exclude)
+        self.densities = layer_densities({w.name: w.parameter.shape for w in self.weights}, density, distribution)
+        self.density_target = density
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [w.parameter for w in self.weights]
+
+    def export_dense(self) -> nn.Module:
+        """The model as an ordinary dense model, zeros where weights are pruned (`save_pretrained` as usual)."""
+        return self.model

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..atomic import atomic_path
 from .checkpoint import save_sparse_model
-from .engine import MaskEngine
+from .engine import NetworkMaskEngine
 from .sparse_momentum import SparseMomentum
 from .static import StaticSparse
 from .targets import SparseTrainingError
@@ -89,7 +89,7 @@ def build_model(kind: str) -> nn.Module:
     )
 
 
-def build_engine(recipe: SparseRecipe, model: nn.Module, total_steps: int, steps_per_epoch: int) -> Optional[MaskEngine]:
+def build_engine(recipe: SparseRecipe, model: nn.Module, total_steps: int, steps_per_epoch: int) -> Optional[NetworkMaskEngine]:
     if recipe.method == "dense":
         return None
     if recipe.method == "static":
@@ -167,7 +167,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
     return correct / total
 
 
-def save_run(recipe: SparseRecipe, engine: Optional[MaskEngine], model: nn.Module, results: dict) -> None:
+def save_run(recipe: SparseRecipe, engine: Optional[NetworkMaskEngine], model: nn.Module, results: dict) -> None:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if engine is not None:

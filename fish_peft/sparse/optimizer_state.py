@@ -60,3 +60,52 @@ def momentum_magnitude(optimizer: torch.optim.Optimizer, parameter: torch.Tensor
     raise SparseTrainingError(
         "The optimizer holds no momentum for a sparse weight yet; call engine.step() after optimizer.step()."
     )
+
+
+def rearrange_entries(optimizer, parameters: list[torch.nn.Parameter], sources: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Refill 1-D `parameters` from their concatenated old entries: parameter i becomes old[sources[i]], where -1
+    marks a new entry (value 0). Per-entry optimizer state (momentum, Adam moments) moves with its entry and is zero
+    for new ones. Returns the parameters: the same objects where the length stays, new ones (which the optimizer
+    trains from now on) where it changes, since autograd graphs still alive remember a leaf's shape. Gradients are
+    dropped: call between optimizer steps."""
+    states = [optimizer.state.get(p, {}) if optimizer is not None else {} for p in parameters]
+    keys = sorted({k for p, s in zip(parameters, states) for k, v in s.items() if _per_entry(v, p)})
+    pools = {
+        key: torch.cat([s[key] if _per_entry(s.get(key), p) else torch.zeros_like(p) for p, s in zip(parameters, states)])
+        for key in keys
+    }
+    values = torch.cat([p.detach() for p in parameters])
+    result = []
+    for parameter, state, source in zip(parameters, states, sources):
+        source = source.to(parameter.device)
+        for key, pool in pools.items():
+            if state:
+                state[key] = _gather(pool, source)
+        if source.numel() == parameter.numel():
+            parameter.data.copy_(_gather(values, source))
+            parameter.grad = None
+        else:
+            parameter = _replace_parameter(optimizer, parameter, _gather(values, source))
+        result.append(parameter)
+    return result
+
+
+def _replace_parameter(optimizer, old: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
+    new = torch.nn.Parameter(data, requires_grad=old.requires_grad)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        if old in optimizer.state:
+            optimizer.state[new] = optimizer.state.pop(old)
+    return new
+
+
+def _per_entry(value, parameter: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == parameter.shape
+
+
+def _gather(pool: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    out = pool.new_zeros(source.numel())
+    known = source >= 0
+    out[known] = pool[source[known]]
+    return out

@@ -56,10 +56,10 @@ class SparseMomentum(StaticSparse):
     def current_prune_rate(self) -> float:
         if self.total_steps is None:
             raise SparseTrainingError("SparseMomentum needs total_steps= (training steps) for its prune-rate schedule.")
-        return self.prune_rate * 0.5 * (1 + math.cos(math.pi * min(self.steps, self.total_steps) / self.total_steps))
+        return cosine_prune_rate(self.prune_rate, self.steps, self.total_steps)
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        check_momentum_optimizer(optimizer, [w.parameter for w in self.weights])
+        check_momentum_optimizer(optimizer, self.trained_parameters())
 
     def _should_update(self) -> bool:
         return self.total_steps is None or self.steps < self.total_steps
@@ -92,6 +92,11 @@ class SparseMomentum(StaticSparse):
                     keep.view(-1)[grown] = True
                     weight.parameter.view(-1)[grown] = 0
         self._apply_masks()
+
+
+def cosine_prune_rate(initial: float, step: int, total_steps: int) -> float:
+    """The prune rate at `step`: `initial` decayed to 0 along a cosine over `total_steps`."""
+    return initial * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def allocate(total: int, shares: dict[str, float], capacity: dict[str, int]) -> dict[str, int]:

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from .densities import kept_count
-from .engine import MaskEngine
+from .engine import NetworkMaskEngine
 from .targets import DEFAULT_SPARSE_MODULES
 
 
-class StaticSparse(MaskEngine):
+class StaticSparse(NetworkMaskEngine):
     """Random masks at each layer's density (seeded); weights outside them are zeroed after every optimizer step
     (they may receive gradients and momentum, which sparse momentum reads, but never a value)."""
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .densities import check_density, kept_count
-from .engine import MaskEngine
+from .engine import NetworkMaskEngine
 from .optimizer_state import groups_of, reset_state
 from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError
 
@@ -44,7 +44,7 @@ class TopKASTWeight(nn.Module):
         return _ForwardOnABackwardOnB.apply(weight, self.forward_mask.to(weight.dtype), self.backward_mask.to(weight.dtype))
 
 
-class TopKAST(MaskEngine):
+class TopKAST(NetworkMaskEngine):
     """Top-KAST on the Linear, Conv and Embedding weights of `model` (biases and norms stay dense).
 
     `forward_density` is D, `backward_density` is D+M (>= D). `penalty` is λ of the exploration penalty, applied as
@@ -128,7 +128,7 @@ class TopKAST(MaskEngine):
         return self.penalty / 2 * total
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        for group in groups_of(optimizer, [w.parameter for w in self.weights]).values():
+        for group in groups_of(optimizer, self.trained_parameters()).values():
             if group.get("weight_decay", 0):
                 raise SparseTrainingError(
                     "Top-KAST: the optimizer applies weight_decay to the sparse weights, which would move weights "

@@ -1,0 +1,185 @@
+"""Evolving sparse diffs: a FISH adapter whose k entries move while it trains, by Top-KAST's or sparse momentum's
+rule. The engines drive a `PeftModel` made with `FishConfig(mask_update=...)`; call `engine.step()` after every
+`optimizer.step()` (or use `SparseTrainingCallback` in a Trainer). What is saved is an ordinary FISH adapter.
+
+Entries that were never in the diff have Δ = 0 and no optimizer state, so neither magnitude nor momentum can rank
+them; regrowth ranks them by the dense gradient of the loss in W + Δ, captured on the update step only (summed over
+its micro-batches), which is the signal both papers' momentum is built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import FishConfig
+from ..layer import FishLayer, index_dtype
+from ..masks import FishMask
+from .engine import MaskEngine
+from .sparse_momentum import cosine_prune_rate
+from .targets import SparseTrainingError
+
+
+@dataclass
+class DiffEntry:
+    """One adapted parameter of the adapter: its name in the config and the layer that holds its values."""
+
+    name: str
+    layer: FishLayer
+    attr: str
+    adapter: str
+    numel: int
+
+    @property
+    def values(self) -> nn.Parameter:
+        return self.layer.fish_values[self.adapter][self.attr]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.layer.fish_indices[self.adapter][self.attr]
+
+    def set_entries(self, indices: torch.Tensor, values: nn.Parameter) -> None:
+        self.layer.fish_indices[self.adapter][self.attr] = indices.to(self.indices.device, index_dtype(self.numel))
+        self.layer.fish_values[self.adapter][self.attr] = values
+
+    def dense_gradient(self) -> Optional[torch.Tensor]:
+        """The flat gradient of the loss in W + Δ captured since the last update, if the parameter was used."""
+        captured = self.layer.captured_gradients
+        return None if captured is None else captured.get(self.attr)
+
+
+class EvolvingDiff(MaskEngine):
+    """Base of the evolving-diff engines: finds the adapter's entries, schedules the prune rate, captures dense
+    gradients before each update and keeps `config.sparse_parameters` in step with the entries."""
+
+    rule: str  # the FishConfig.mask_update value the engine implements
+
+    def __init__(self, model: nn.Module, *, adapter_name: Optional[str] = None, total_steps: Optional[int] = None):
+        configs = getattr(model, "peft_config", None)
+        if not configs:
+            raise SparseTrainingError("An evolving diff needs the PeftModel from get_peft_model(model, FishConfig(...)).")
+        adapter = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
+        config = configs.get(adapter)
+        if not isinstance(config, FishConfig):
+            raise SparseTrainingError(f"Adapter '{adapter}' is not a FISH adapter; evolving diffs move FISH masks.")
+        if config.mask_update != self.rule:
+            raise SparseTrainingError(
+                f"Adapter '{adapter}' was made with mask_update={config.mask_update!r}; this engine moves the mask by "
+                f"{self.rule}: create it with FishConfig(mask=..., mask_update='{self.rule}')."
+            )
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise SparseTrainingError(f"total_steps (for the cosine decay of the prune rate) must be >= 1, got {total_steps!r}.")
+        super().__init__(model, update_every=config.update_every)
+        self.adapter = adapter
+        self.config = config
+        self.total_steps = total_steps
+        self.updates = 0
+        self.entries = _diff_entries(model, adapter, config)
+        self._layers = list({id(e.layer): e.layer for e in self.entries}.values())
+        self._capture(self._update_due(1))
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [entry.values for entry in self.entries]
+
+    def current_prune_rate(self) -> float:
+        if self.total_steps is None:
+            raise SparseTrainingError(
+                f"The {self.rule} diff needs total_steps= (training steps) for its prune-rate schedule."
+            )
+        return cosine_prune_rate(self.config.prune_rate, self.steps, self.total_steps)
+
+    def step(self, optimizer=None) -> bool:
+        updated = super().step(optimizer)
+        self._capture(self._update_due(self.steps + 1))
+        return updated
+
+    def _should_update(self) -> bool:
+        return self.total_steps is None or self.steps < self.total_steps
+
+    def _update_due(self, step: int) -> bool:
+        return step % self.update_every == 0 and (self.total_steps is None or step < self.total_steps)
+
+    def _capture(self, on: bool) -> None:
+        """Start collecting dense gradients (afresh) for the coming step, or stop and free them."""
+        for layer in self._layers:
+            layer.captured_gradients = {} if on else None
+
+    def update_masks(self) -> None:
+        with torch.no_grad():
+            self.move_entries(self.current_prune_rate())
+        for entry in self.entries:
+            self.config.sparse_parameters[entry.name] = entry.indices.numel()
+        self.updates += 1
+
+    @abstractmethod
+    def move_entries(self, rate: float) -> None:
+        """The rule: replace about `rate` of the entries, keeping k."""
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{parameter name: flat bool mask of the entries the forward pass uses}."""
+        masks = {}
+        for entry in self.entries:
+            mask = torch.zeros(entry.numel, dtype=torch.bool)
+            mask[entry.indices.long().cpu()] = True
+            masks[entry.name] = mask
+        return masks
+
+    def mask_digest(self) -> str:
+        digest = hashlib.sha256()
+        for entry in sorted(self.entries, key=lambda e: e.name):
+            digest.update(entry.name.encode())
+            for indices in self._stored_indices(entry):
+                digest.update(indices.detach().cpu().to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
+        return [entry.indices]
+
+    def current_mask(self) -> FishMask:
+        """The adapter's support now, as a `FishMask` (for plots, reports and model cards)."""
+        info = {**self.config.mask_info, "mask_update": self.rule, "mask_updates": self.updates}
+        return FishMask(
+            {e.name: e.indices.long().cpu() for e in self.entries},
+            self.config.parameter_shapes,
+            modules_to_save=self.config.modules_to_save or (),
+            info=info,
+        )
+
+
+def _diff_entries(model: nn.Module, adapter: str, config: FishConfig) -> list[DiffEntry]:
+    entries = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, FishLayer) or adapter not in module.fish_values:
+            continue
+        owner = module_name.removeprefix("base_model.model.")
+        for attr in module.adapted_parameters(adapter):
+            name = f"{owner}.{attr}"
+            if name not in config.sparse_parameters:
+                raise SparseTrainingError(f"'{name}' is in the model's adapter '{adapter}' but not in its config.")
+            numel = math.prod(config.parameter_shapes[name])
+            entries.append(DiffEntry(name, module, attr, adapter, numel))
+    if not entries:
+        raise SparseTrainingError(f"The model holds no entries of adapter '{adapter}'.")
+    return entries
+
+
+def sorted_by_index(indices: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`indices` in increasing order, and `sources` reordered with them (an adapter stores sorted indices)."""
+    order = torch.argsort(indices)
+    return indices[order], sources[order]
+
+
+def top_new_positions(signal: Optional[torch.Tensor], taken: torch.Tensor, count: int, numel: int) -> torch.Tensor:
+    """The `count` flat positions outside `taken` with the largest |signal|; without a signal (a parameter the step
+    did not use) any free positions."""
+    if count == 0:
+        return taken.new_zeros(0, dtype=torch.long)
+    score = torch.zeros(numel, device=taken.device) if signal is None else signal.abs().flatten().float().clone()
+    score[taken.long()] = -math.inf
+    return torch.topk(score, count, sorted=False).indices

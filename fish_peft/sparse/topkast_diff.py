@@ -1,0 +1,118 @@
+"""Top-KAST on a FISH diff: k entries in the forward pass, an exploration set beside them that only learns.
+
+Per adapted parameter, A holds its k_p entries (the adapter's values) and B \\ A about `exploration`·k_p more,
+which receive the gradient they would get in the forward pass but do not change the model's output (Top-KAST's
+backward set). The penalty (λ/2)·(Σ_A Δ² + Σ_{B\\A} Δ²/D), with D the diff's density over the adapted parameters,
+acts on the gradients. Every `update_every` steps, A becomes the k_p entries of B with the largest |Δ|; of the
+rest, the `rate` share with the smallest |Δ| leaves B, replaced by the positions of largest dense gradient,
+starting at 0. Top-KAST's own B is the next-largest weights by magnitude; a diff's unused entries all have
+magnitude 0, so fish-peft ranks them by gradient instead. The exploration set starts at random positions (seeded)
+and is never saved: the adapter is A.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .evolving_diff import DiffEntry, EvolvingDiff, sorted_by_index, top_new_positions
+from .optimizer_state import rearrange_entries
+
+
+class TopKASTDiff(EvolvingDiff):
+    """Top-KAST on the entries of a FISH adapter made with `FishConfig(mask_update="topkast")`."""
+
+    rule = "topkast"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer=None,
+        *,
+        adapter_name: Optional[str] = None,
+        total_steps: Optional[int] = None,
+        seed: int = 0,
+    ):
+        super().__init__(model, adapter_name=adapter_name, total_steps=total_steps)
+        self.forward_density = sum(e.values.numel() for e in self.entries) / sum(e.numel for e in self.entries)
+        generator = torch.Generator().manual_seed(seed)
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for entry in self.entries:
+            room = entry.numel - entry.values.numel()
+            count = min(math.ceil(self.config.exploration * entry.values.numel()), room)
+            if count:
+                free = torch.ones(entry.numel, dtype=torch.bool)
+                free[entry.indices.long().cpu()] = False
+                candidates = free.nonzero().flatten()
+                chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+                by_layer.setdefault(id(entry.layer), {})[entry.attr] = chosen.sort().values
+        for layer in self._layers:
+            if id(layer) in by_layer:
+                layer.set_exploration(self.adapter, by_layer[id(layer)])
+        self._hooks = []
+        for entry in self.entries:
+            self._hooks.append(entry.values.register_hook(self._penalty_gradient(entry.values, 1.0)))
+            if self._explores(entry):
+                explore = self._exploration_values(entry)
+                self._hooks.append(explore.register_hook(self._penalty_gradient(explore, 1 / self.forward_density)))
+        if optimizer is not None:
+            self.bind(optimizer)
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return super().trained_parameters() + [self._exploration_values(e) for e in self.entries if self._explores(e)]
+
+    def _explores(self, entry: DiffEntry) -> bool:
+        values = entry.layer.fish_explore_values
+        return entry.adapter in values and entry.attr in values[entry.adapter]
+
+    def _exploration_values(self, entry: DiffEntry) -> nn.Parameter:
+        return entry.layer.fish_explore_values[entry.adapter][entry.attr]
+
+    def _exploration_indices(self, entry: DiffEntry) -> torch.Tensor:
+        return entry.layer.fish_explore_indices[entry.adapter][entry.attr]
+
+    def _stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
+        return [entry.indices] + ([self._exploration_indices(entry)] if self._explores(entry) else [])
+
+    def _penalty_gradient(self, values: nn.Parameter, scale: float):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if self.config.penalty == 0:
+                return grad
+            return grad + self.config.penalty * scale * values.detach()
+
+        return hook
+
+    def penalty_value(self) -> torch.Tensor:
+        """(λ/2)·(Σ_A Δ² + Σ_{B\\A} Δ²/D) over the adapter."""
+        total = torch.zeros(())
+        for entry in self.entries:
+            total = total + (entry.values.detach().float() ** 2).sum().cpu()
+            if self._explores(entry):
+                total = total + (self._exploration_values(entry).detach().float() ** 2).sum().cpu() / self.forward_density
+        return self.config.penalty / 2 * total
+
+    def move_entries(self, rate: float) -> None:
+        for entry in self.entries:
+            if not self._explores(entry):
+                continue
+            explore = self._exploration_values(entry)
+            forward_count, explore_count = entry.values.numel(), explore.numel()
+            pool_indices = torch.cat([entry.indices.long(), self._exploration_indices(entry).long()])
+            order = torch.argsort(torch.cat([entry.values.detach(), explore.detach()]).abs(), descending=True, stable=True)
+            forward, rest = order[:forward_count], order[forward_count:]
+            leaving = round(rate * explore_count)
+            staying = rest[: explore_count - leaving]
+            grown = top_new_positions(entry.dense_gradient(), pool_indices, leaving, entry.numel)
+            forward_indices, forward_sources = sorted_by_index(pool_indices[forward], forward)
+            explore_indices, explore_sources = sorted_by_index(
+                torch.cat([pool_indices[staying], grown]), torch.cat([staying, torch.full_like(grown, -1)])
+            )
+            old_explore_indices = self._exploration_indices(entry)
+            values, _ = rearrange_entries(self.optimizer, [entry.values, explore], [forward_sources, explore_sources])
+            entry.set_entries(forward_indices, values)
+            entry.layer.fish_explore_indices[entry.adapter][entry.attr] = explore_indices.to(
+                old_explore_indices.device, old_explore_indices.dtype
+            )
