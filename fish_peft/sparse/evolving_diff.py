@@ -61,13 +61,7 @@ class EvolvingDiff(MaskEngine):
     rule: str  # the FishConfig.mask_update value the engine implements
 
     def __init__(self, model: nn.Module, *, adapter_name: Optional[str] = None, total_steps: Optional[int] = None):
-        configs = getattr(model, "peft_config", None)
-        if not configs:
-            raise SparseTrainingError("An evolving diff needs the PeftModel from get_peft_model(model, FishConfig(...)).")
-        adapter = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
-        config = configs.get(adapter)
-        if not isinstance(config, FishConfig):
-            raise SparseTrainingError(f"Adapter '{adapter}' is not a FISH adapter; evolving diffs move FISH masks.")
+        adapter, config = fish_adapter_config(model, adapter_name)
         if config.mask_update != self.rule:
             raise SparseTrainingError(
                 f"Adapter '{adapter}' was made with mask_update={config.mask_update!r}; this engine moves the mask by "
@@ -150,6 +144,18 @@ class EvolvingDiff(MaskEngine):
             modules_to_save=self.config.modules_to_save or (),
             info=info,
         )
+
+
+def fish_adapter_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[str, FishConfig]:
+    """The name and config of the FISH adapter an engine should move (default: the active one)."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise SparseTrainingError("An evolving diff needs the PeftModel from get_peft_model(model, FishConfig(...)).")
+    adapter = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
+    config = configs.get(adapter)
+    if not isinstance(config, FishConfig):
+        raise SparseTrainingError(f"Adapter '{adapter}' is not a FISH adapter; evolving diffs move FISH masks.")
+    return adapter, config
 
 
 def _diff_entries(model: nn.Module, adapter: str, config: FishConfig) -> list[DiffEntry]:

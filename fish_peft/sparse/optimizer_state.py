@@ -24,8 +24,8 @@ def groups_of(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor]) 
     missing = [i for i, p in enumerate(parameters) if id(p) not in groups]
     if missing:
         raise SparseTrainingError(
-            f"The optimizer does not train {len(missing)} of the sparse weights; create it from model.parameters() "
-            "(after the engine, or before: the weights are the same objects)."
+            f"The optimizer does not train {len(missing)} of the tensors the engine moves; create it after the engine, "
+            "from the model's trainable parameters."
         )
     return {id(p): groups[id(p)] for p in parameters}
 

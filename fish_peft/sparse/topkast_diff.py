@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .evolving_diff import DiffEntry, EvolvingDiff, sorted_by_index, top_new_positions
-from .optimizer_state import rearrange_entries
+from .optimizer_state import rearrange_entries, unwrap_optimizer
 
 
 class TopKASTDiff(EvolvingDiff):
@@ -60,6 +60,17 @@ class TopKASTDiff(EvolvingDiff):
                 self._hooks.append(explore.register_hook(self._penalty_gradient(explore, 1 / self.forward_density)))
         if optimizer is not None:
             self.bind(optimizer)
+
+    def bind(self, optimizer) -> None:
+        """As for any engine; an optimizer made before the engine also gets the exploration values, each in the
+        param group that trains its parameter's values."""
+        inner = unwrap_optimizer(optimizer)
+        trained = {id(p) for group in inner.param_groups for p in group["params"]}
+        groups = {id(p): group for group in inner.param_groups for p in group["params"]}
+        for entry in self.entries:
+            if self._explores(entry) and id(self._exploration_values(entry)) not in trained and id(entry.values) in groups:
+                groups[id(entry.values)]["params"].append(self._exploration_values(entry))
+        super().bind(optimizer)
 
     def trained_parameters(self) -> list[torch.Tensor]:
         return super().trained_parameters() + [self._exploration_values(e) for e in self.entries if self._explores(e)]
