@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .config import MASK_UPDATES
+
 METHODS = ("fish", "random", "full", "lora", "bitfit")
 
 
@@ -25,6 +27,8 @@ class Recipe:
     fisher: str = "empirical"  # empirical | expected
     selection: str = "global"  # global | per_module
     eligible: Optional[str] = None  # regex of the parameter names the mask may pick (default: all)
+    mask_update: Optional[str] = None  # None (fixed mask) | topkast | sparse_momentum: the support evolves
+    update_every: int = 100  # optimizer steps between support updates (with mask_update)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
@@ -55,7 +59,11 @@ class Recipe:
         unknown = [m for m in [*self.methods, *self.lr_by_method, *self.batch_size_by_method] if m not in METHODS]
         if unknown:
             raise ValueError(f"Recipe: unknown method(s) {unknown}; choose from {METHODS}.")
-        for name in ("num_samples", "batch_size", "eval_batch_size", "max_length", "lora_r"):
+        if self.mask_update not in MASK_UPDATES:
+            raise ValueError(f"Recipe: mask_update must be one of {MASK_UPDATES}, got {self.mask_update!r}.")
+        if self.mask_update is not None and self.method in ("full", "lora"):
+            raise ValueError(f"Recipe: mask_update moves a sparse mask; method {self.method!r} has none (use fish or random).")
+        for name in ("num_samples", "batch_size", "eval_batch_size", "max_length", "lora_r", "update_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Recipe: {name} must be at least 1, got {getattr(self, name)}.")
         if self.lr <= 0 or self.epochs <= 0:

@@ -42,6 +42,7 @@ from .masks import FishMask
 from .model_card import render_model_card
 from .recipe import Recipe, load_recipe
 from .selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
+from .sparse import SparseTrainingCallback, evolving_diff_engine
 from .tasks import GLUE_TASKS, Task, compute_metrics, custom_task, get_task
 
 RUN_MARKERS = ("results.json", "adapter_config.json", "recipe.yaml")
@@ -87,6 +88,8 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
     fisher_seconds = time.perf_counter() - fisher_start if recipe.method == "fish" else None
     model = apply_method(recipe, setup.model, mask)
+    initial_mask = mask
+    engine = evolving_diff_engine(model) if recipe.mask_update else None
 
     evaluation = setup.evaluation_splits()
     timer = StepTimer()
@@ -97,9 +100,11 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         eval_dataset=evaluation,
         data_collator=setup.collator,
         compute_metrics=setup.metric_fn(),
-        callbacks=[timer],
+        callbacks=[timer] + ([SparseTrainingCallback(engine)] if engine else []),
     )
-    trainer.train()
+    train_output = trainer.train()
+    if engine is not None:
+        mask = engine.current_mask()
     best = {split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split) for split, dataset in evaluation.items()}
 
     results = {
@@ -112,10 +117,14 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         "total_parameters": sum(p.numel() for _, p in base_named_parameters(model)),
         "fisher_seconds": fisher_seconds,
         "mean_step_seconds": timer.mean(),
+        "train_seconds": train_output.metrics["train_runtime"],
         "peak_memory_bytes": peak_memory_bytes(),
         "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info},
         "recipe": dataclasses.asdict(recipe),
     }
+    if engine is not None:
+        results["mask"]["update_seconds"] = engine.update_seconds
+        results["mask"]["jaccard_with_initial"] = mask.jaccard(initial_mask)
     results["adapter_bytes"] = save_run(out, recipe, setup.task, model, mask, results)
     results["wall_seconds"] = time.perf_counter() - started
     write_json(out / "results.json", results)
@@ -244,7 +253,8 @@ def apply_method(recipe: Recipe, model, mask: Optional[FishMask]):
     from peft import LoraConfig, get_peft_model
 
     if mask is not None:
-        return get_peft_model(model, FishConfig(mask=mask, save_dtype=recipe.save_dtype))
+        config = FishConfig(mask=mask, save_dtype=recipe.save_dtype, mask_update=recipe.mask_update, update_every=recipe.update_every)
+        return get_peft_model(model, config)
     if recipe.method == "lora":
         heads = resolve_modules_to_save(model, "auto")
         config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=recipe.lora_targets, modules_to_save=heads)
@@ -268,7 +278,8 @@ def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArgumen
         save_strategy="epoch",
         save_total_limit=1,
         save_only_model=True,
-        load_best_model_at_end=True,
+        # an evolving mask's earlier checkpoints hold another support than the model now has: keep the final model
+        load_best_model_at_end=recipe.mask_update is None,
         metric_for_best_model=f"{first_split}_{task.metrics[0]}",
         greater_is_better=True,
         logging_strategy="epoch",

@@ -49,6 +49,20 @@ def test_every_glue_recipe_trains_end_to_end_on_local_files(task, checkpoint, tm
     assert yaml.safe_load(card.split("---")[1])["library_name"] == "peft"
 
 
+@pytest.mark.parametrize("rule", ["topkast", "sparse_momentum"])
+def test_train_with_an_evolving_mask_saves_an_ordinary_fish_adapter(rule, checkpoint, tmp_path):
+    out = tmp_path / "run"
+    args = ["--mask-update", rule, "--update-every", "1", "--lr", "1e-2"]
+    assert run_cli("train", RECIPES / "glue" / "sst2.yaml", "--model", checkpoint, "--output-dir", out, *FAST, *args, *local_data("sst2", tmp_path)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["mask"]["mask_update"] == rule and results["mask"]["mask_updates"] >= 1
+    assert results["mask"]["update_seconds"] > 0 and 0 < results["mask"]["jaccard_with_initial"] < 1
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sum(config["sparse_parameters"].values()) == results["mask"]["selected"]
+    assert config["mask_update"] == rule and config["update_every"] == 1
+    assert run_cli("eval", out) == 0  # loads as an ordinary FISH adapter
+
+
 def test_compare_runs_every_method_on_the_same_data(checkpoint, tmp_path):
     out = tmp_path / "compare"
     code = run_cli(

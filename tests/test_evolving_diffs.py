@@ -83,6 +83,20 @@ def test_budget_exact_after_every_update_and_config_in_step(rule, keep_graph):
         assert config.sparse_parameters != random_mask(tiny_bert(), 0.02, seed=0).counts()
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_parameters_with_no_free_position_left(rule):
+    """At a high keep ratio small parameters are fully covered (Top-KAST: by A and B); nothing may be grown twice."""
+    model = dynamic_model(rule, keep_ratio=0.3, exploration=3.0, update_every=1)
+    engine = evolving_diff_engine(model, total_steps=6)
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-2)
+    engine.bind(optimizer)
+    train(model, engine, optimizer, 6)
+    assert any(sum(i.numel() for i in engine._stored_indices(e)) == e.numel for e in engine.entries)
+    for entry in engine.entries:
+        pool = torch.cat(stored(entry, engine))
+        assert pool.unique().numel() == pool.numel()
+
+
 def test_trains_with_the_last_graph_alive():
     """Changing a parameter's length while an old graph holds it would break autograd; the engine swaps it."""
     model = dynamic_model("sparse_momentum")

@@ -186,6 +186,8 @@ def top_new_positions(signal: Optional[torch.Tensor], taken: torch.Tensor, count
     did not use) any free positions."""
     if count == 0:
         return taken.new_zeros(0, dtype=torch.long)
+    if count > numel - taken.numel():
+        raise SparseTrainingError(f"Cannot grow {count} entries: only {numel - taken.numel()} positions are free.")
     score = torch.zeros(numel, device=taken.device) if signal is None else signal.abs().flatten().float().clone()
     score[taken.long()] = -math.inf
     return torch.topk(score, count, sorted=False).indices

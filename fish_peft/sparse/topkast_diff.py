@@ -114,7 +114,7 @@ class TopKASTDiff(EvolvingDiff):
             pool_indices = torch.cat([entry.indices.long(), self._exploration_indices(entry).long()])
             order = torch.argsort(torch.cat([entry.values.detach(), explore.detach()]).abs(), descending=True, stable=True)
             forward, rest = order[:forward_count], order[forward_count:]
-            leaving = round(rate * explore_count)
+            leaving = min(round(rate * explore_count), entry.numel - pool_indices.numel())  # free positions
             staying = rest[: explore_count - leaving]
             grown = top_new_positions(entry.dense_gradient(), pool_indices, leaving, entry.numel)
             forward_indices, forward_sources = sorted_by_index(pool_indices[forward], forward)
