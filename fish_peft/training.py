@@ -253,7 +253,10 @@ def apply_method(recipe: Recipe, model, mask: Optional[FishMask]):
     from peft import LoraConfig, get_peft_model
 
     if mask is not None:
-        config = FishConfig(mask=mask, save_dtype=recipe.save_dtype, mask_update=recipe.mask_update, update_every=recipe.update_every)
+        config = FishConfig(
+            mask=mask, save_dtype=recipe.save_dtype, mask_update=recipe.mask_update, update_every=recipe.update_every,
+            prune_rate=recipe.prune_rate, exploration=recipe.exploration, penalty=recipe.penalty,
+        )
         return get_peft_model(model, config)
     if recipe.method == "lora":
         heads = resolve_modules_to_save(model, "auto")

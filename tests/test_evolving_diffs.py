@@ -51,7 +51,7 @@ def train(model, engine, optimizer, steps, keep_graph=False):
 
 def stored(entry, engine):
     """Indices of an entry: (forward set, exploration set or empty)."""
-    explore = engine._stored_indices(entry)[1:] or [torch.zeros(0, dtype=torch.long)]
+    explore = engine.stored_indices(entry)[1:] or [torch.zeros(0, dtype=torch.long)]
     return entry.indices.long(), explore[0].long()
 
 
@@ -91,7 +91,7 @@ def test_parameters_with_no_free_position_left(rule):
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-2)
     engine.bind(optimizer)
     train(model, engine, optimizer, 6)
-    assert any(sum(i.numel() for i in engine._stored_indices(e)) == e.numel for e in engine.entries)
+    assert any(sum(i.numel() for i in engine.stored_indices(e)) == e.numel for e in engine.entries)
     for entry in engine.entries:
         pool = torch.cat(stored(entry, engine))
         assert pool.unique().numel() == pool.numel()
@@ -113,7 +113,7 @@ def test_topkast_forward_uses_only_its_k_entries_and_gradients_reach_the_explora
     with torch.no_grad():
         for entry in engine.entries:
             entry.values.normal_(0, 0.05)
-            engine._exploration_values(entry).normal_(0, 0.05)
+            engine.exploration_values(entry).normal_(0, 0.05)
             reference.get_parameter(entry.name).view(-1)[entry.indices.long()] += entry.values
     for p in reference.parameters():
         p.requires_grad_(True)
@@ -126,7 +126,7 @@ def test_topkast_forward_uses_only_its_k_entries_and_gradients_reach_the_explora
         dense = reference.get_parameter(entry.name).grad.view(-1)
         forward, explore = stored(entry, engine)
         assert_close(entry.values.grad, dense[forward], rtol=1e-5, atol=1e-7)
-        assert_close(engine._exploration_values(entry).grad, dense[explore], rtol=1e-5, atol=1e-7)
+        assert_close(engine.exploration_values(entry).grad, dense[explore], rtol=1e-5, atol=1e-7)
 
 
 def test_topkast_update_promotes_largest_entries_and_moves_optimizer_state():
@@ -137,7 +137,7 @@ def test_topkast_update_promotes_largest_entries_and_moves_optimizer_state():
     model(**example_inputs("bert", seed=0)).loss.backward()
     optimizer.step()
     entry = max(engine.entries, key=lambda e: e.values.numel())
-    explore = engine._exploration_values(entry)
+    explore = engine.exploration_values(entry)
     with torch.no_grad():  # make one exploration entry the largest of all
         explore[0] = 10.0
     promoted = int(stored(entry, engine)[1][0])
@@ -151,7 +151,7 @@ def test_topkast_update_promotes_largest_entries_and_moves_optimizer_state():
     forward, new_explore = stored(entry, engine)
     assert promoted in forward.tolist()
     assert float(entry.values.detach()[forward.tolist().index(promoted)]) == 10.0
-    moments = torch.cat([optimizer.state[entry.values]["exp_avg"], optimizer.state[engine._exploration_values(entry)]["exp_avg"]])
+    moments = torch.cat([optimizer.state[entry.values]["exp_avg"], optimizer.state[engine.exploration_values(entry)]["exp_avg"]])
     for index, moment in zip(torch.cat([forward, new_explore]).tolist(), moments.tolist()):
         assert moment == (old_state[index] if index in pool else 0.0)  # moved entries keep state, new ones start at 0
     assert any(i not in pool for i in new_explore.tolist())
@@ -163,14 +163,14 @@ def test_topkast_penalty_matches_hand_computation():
     with torch.no_grad():
         for entry in engine.entries:
             entry.values.fill_(0.5)
-            engine._exploration_values(entry).fill_(0.25)
+            engine.exploration_values(entry).fill_(0.25)
     k = sum(e.values.numel() for e in engine.entries)
-    m = sum(engine._exploration_values(e).numel() for e in engine.entries)
+    m = sum(engine.exploration_values(e).numel() for e in engine.entries)
     density = k / sum(e.numel for e in engine.entries)
     assert engine.forward_density == pytest.approx(density)
     assert float(engine.penalty_value()) == pytest.approx(0.01 / 2 * (k * 0.25 + m * 0.0625 / density), rel=1e-5)
     entry = engine.entries[0]
-    explore = engine._exploration_values(entry)
+    explore = engine.exploration_values(entry)
     (entry.values.sum() * 0 + explore.sum() * 0).backward()  # zero loss: gradients are the penalty's alone
     assert_close(entry.values.grad, torch.full_like(entry.values, 0.01 * 0.5))
     assert_close(explore.grad, torch.full_like(explore, 0.01 * 0.25 / density))

@@ -128,11 +128,11 @@ class EvolvingDiff(MaskEngine):
         digest = hashlib.sha256()
         for entry in sorted(self.entries, key=lambda e: e.name):
             digest.update(entry.name.encode())
-            for indices in self._stored_indices(entry):
+            for indices in self.stored_indices(entry):
                 digest.update(indices.detach().cpu().to(torch.int64).numpy().tobytes())
         return digest.hexdigest()
 
-    def _stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
+    def stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
         return [entry.indices]
 
     def current_mask(self) -> FishMask:

@@ -52,12 +52,11 @@ class TopKASTDiff(EvolvingDiff):
         for layer in self._layers:
             if id(layer) in by_layer:
                 layer.set_exploration(self.adapter, by_layer[id(layer)])
-        self._hooks = []
         for entry in self.entries:
-            self._hooks.append(entry.values.register_hook(self._penalty_gradient(entry.values, 1.0)))
+            entry.values.register_hook(self._penalty_gradient(entry.values, 1.0))
             if self._explores(entry):
-                explore = self._exploration_values(entry)
-                self._hooks.append(explore.register_hook(self._penalty_gradient(explore, 1 / self.forward_density)))
+                explore = self.exploration_values(entry)
+                explore.register_hook(self._penalty_gradient(explore, 1 / self.forward_density))
         if optimizer is not None:
             self.bind(optimizer)
 
@@ -65,28 +64,27 @@ class TopKASTDiff(EvolvingDiff):
         """As for any engine; an optimizer made before the engine also gets the exploration values, each in the
         param group that trains its parameter's values."""
         inner = unwrap_optimizer(optimizer)
-        trained = {id(p) for group in inner.param_groups for p in group["params"]}
         groups = {id(p): group for group in inner.param_groups for p in group["params"]}
         for entry in self.entries:
-            if self._explores(entry) and id(self._exploration_values(entry)) not in trained and id(entry.values) in groups:
-                groups[id(entry.values)]["params"].append(self._exploration_values(entry))
+            if self._explores(entry) and id(self.exploration_values(entry)) not in groups and id(entry.values) in groups:
+                groups[id(entry.values)]["params"].append(self.exploration_values(entry))
         super().bind(optimizer)
 
     def trained_parameters(self) -> list[torch.Tensor]:
-        return super().trained_parameters() + [self._exploration_values(e) for e in self.entries if self._explores(e)]
+        return super().trained_parameters() + [self.exploration_values(e) for e in self.entries if self._explores(e)]
 
     def _explores(self, entry: DiffEntry) -> bool:
         values = entry.layer.fish_explore_values
         return entry.adapter in values and entry.attr in values[entry.adapter]
 
-    def _exploration_values(self, entry: DiffEntry) -> nn.Parameter:
+    def exploration_values(self, entry: DiffEntry) -> nn.Parameter:
         return entry.layer.fish_explore_values[entry.adapter][entry.attr]
 
-    def _exploration_indices(self, entry: DiffEntry) -> torch.Tensor:
+    def exploration_indices(self, entry: DiffEntry) -> torch.Tensor:
         return entry.layer.fish_explore_indices[entry.adapter][entry.attr]
 
-    def _stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
-        return [entry.indices] + ([self._exploration_indices(entry)] if self._explores(entry) else [])
+    def stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
+        return [entry.indices] + ([self.exploration_indices(entry)] if self._explores(entry) else [])
 
     def _penalty_gradient(self, values: nn.Parameter, scale: float):
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -102,16 +100,16 @@ class TopKASTDiff(EvolvingDiff):
         for entry in self.entries:
             total = total + (entry.values.detach().float() ** 2).sum().cpu()
             if self._explores(entry):
-                total = total + (self._exploration_values(entry).detach().float() ** 2).sum().cpu() / self.forward_density
+                total = total + (self.exploration_values(entry).detach().float() ** 2).sum().cpu() / self.forward_density
         return self.config.penalty / 2 * total
 
     def move_entries(self, rate: float) -> None:
         for entry in self.entries:
             if not self._explores(entry):
                 continue
-            explore = self._exploration_values(entry)
+            explore = self.exploration_values(entry)
             forward_count, explore_count = entry.values.numel(), explore.numel()
-            pool_indices = torch.cat([entry.indices.long(), self._exploration_indices(entry).long()])
+            pool_indices = torch.cat([entry.indices.long(), self.exploration_indices(entry).long()])
             order = torch.argsort(torch.cat([entry.values.detach(), explore.detach()]).abs(), descending=True, stable=True)
             forward, rest = order[:forward_count], order[forward_count:]
             leaving = min(round(rate * explore_count), entry.numel - pool_indices.numel())  # free positions
@@ -121,7 +119,7 @@ class TopKASTDiff(EvolvingDiff):
             explore_indices, explore_sources = sorted_by_index(
                 torch.cat([pool_indices[staying], grown]), torch.cat([staying, torch.full_like(grown, -1)])
             )
-            old_explore_indices = self._exploration_indices(entry)
+            old_explore_indices = self.exploration_indices(entry)
             values, _ = rearrange_entries(self.optimizer, [entry.values, explore], [forward_sources, explore_sources])
             entry.set_entries(forward_indices, values)
             entry.layer.fish_explore_indices[entry.adapter][entry.attr] = explore_indices.to(
