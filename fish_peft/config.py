@@ -37,7 +37,8 @@ class FishConfig(PeftConfig):
         prune_rate: fraction of the entries replaced at the first update, decayed along a cosine to 0 (sparse
             momentum: of each parameter's entries; Top-KAST: of its exploration entries).
         exploration: Top-KAST's backward set holds (1 + exploration) * k entries (M/D in the paper).
-        penalty: λ of Top-KAST's exploration penalty.
+        penalty: λ of Top-KAST's exploration penalty. 1e-2 by default: with a diff's tiny density D, λ/D = 2 at 0.5 %
+            keeps exploration entries small until their gradient is steady (1e-4 made training unstable under Adam).
     """
 
     mask: InitVar[Optional[FishMask]] = None
@@ -59,7 +60,7 @@ class FishConfig(PeftConfig):
     update_every: int = field(default=100, metadata={"help": "Optimizer steps between support updates."})
     prune_rate: float = field(default=0.5, metadata={"help": "Fraction of entries replaced at the first update."})
     exploration: float = field(default=1.0, metadata={"help": "Top-KAST: exploration entries per forward entry."})
-    penalty: float = field(default=1e-4, metadata={"help": "Top-KAST: λ of the exploration penalty."})
+    penalty: float = field(default=1e-2, metadata={"help": "Top-KAST: λ of the exploration penalty."})
     mask_info: dict = field(default_factory=dict, metadata={"help": "How the mask was chosen (method, keep ratio)."})
     # PEFT's injection code reads `target_modules`; FISH targets exactly the modules owning `sparse_parameters`.
     target_modules: Optional[Union[list[str], str]] = field(default=None, repr=False)

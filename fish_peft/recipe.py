@@ -31,7 +31,7 @@ class Recipe:
     update_every: int = 100  # optimizer steps between support updates (with mask_update)
     prune_rate: float = 0.5  # share of entries replaced at the first update, cosine-decayed (with mask_update)
     exploration: float = 1.0  # Top-KAST diff: exploration entries per forward entry
-    penalty: float = 1e-4  # Top-KAST diff: λ of the exploration penalty
+    penalty: float = 1e-2  # Top-KAST diff: λ of the exploration penalty (λ/D pulls exploration entries to 0)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
