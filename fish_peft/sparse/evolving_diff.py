@@ -60,7 +60,9 @@ class EvolvingDiff(MaskEngine):
 
     rule: str  # the FishConfig.mask_update value the engine implements
 
-    def __init__(self, model: nn.Module, *, adapter_name: Optional[str] = None, total_steps: Optional[int] = None):
+    def __init__(
+        self, model: nn.Module, optimizer=None, *, adapter_name: Optional[str] = None, total_steps: Optional[int] = None
+    ):
         adapter, config = fish_adapter_config(model, adapter_name)
         if config.mask_update != self.rule:
             raise SparseTrainingError(
@@ -77,6 +79,12 @@ class EvolvingDiff(MaskEngine):
         self.entries = _diff_entries(model, adapter, config)
         self._layers = list({id(e.layer): e.layer for e in self.entries}.values())
         self._capture(self._update_due(1))
+        self._prepare()
+        if optimizer is not None:
+            self.bind(optimizer)
+
+    def _prepare(self) -> None:
+        """What the rule needs before training starts (nothing here)."""
 
     def trained_parameters(self) -> list[torch.Tensor]:
         return [entry.values for entry in self.entries]

@@ -9,10 +9,7 @@ kept entries, starting at 0 with fresh optimizer state. The total stays k; each 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import nn
 
 from .evolving_diff import EvolvingDiff, sorted_by_index, top_new_positions
 from .optimizer_state import check_momentum_optimizer, momentum_magnitude, rearrange_entries
@@ -23,18 +20,6 @@ class SparseMomentumDiff(EvolvingDiff):
     """Sparse momentum on the entries of a FISH adapter made with `FishConfig(mask_update="sparse_momentum")`."""
 
     rule = "sparse_momentum"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer=None,
-        *,
-        adapter_name: Optional[str] = None,
-        total_steps: Optional[int] = None,
-    ):
-        super().__init__(model, adapter_name=adapter_name, total_steps=total_steps)
-        if optimizer is not None:
-            self.bind(optimizer)
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         check_momentum_optimizer(optimizer, self.trained_parameters())

@@ -28,17 +28,16 @@ class TopKASTDiff(EvolvingDiff):
     rule = "topkast"
 
     def __init__(
-        self,
-        model: nn.Module,
-        optimizer=None,
-        *,
-        adapter_name: Optional[str] = None,
-        total_steps: Optional[int] = None,
+        self, model: nn.Module, optimizer=None, *, adapter_name: Optional[str] = None, total_steps: Optional[int] = None,
         seed: int = 0,
     ):
-        super().__init__(model, adapter_name=adapter_name, total_steps=total_steps)
+        self.seed = seed  # of the random first exploration set
+        super().__init__(model, optimizer, adapter_name=adapter_name, total_steps=total_steps)
+
+    def _prepare(self) -> None:
+        """Draw the first exploration entries and hook the penalty onto the gradients."""
         self.forward_density = sum(e.values.numel() for e in self.entries) / sum(e.numel for e in self.entries)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(self.seed)
         by_layer: dict[int, dict[str, torch.Tensor]] = {}
         for entry in self.entries:
             room = entry.numel - entry.values.numel()
@@ -57,8 +56,6 @@ class TopKASTDiff(EvolvingDiff):
             if self._explores(entry):
                 explore = self.exploration_values(entry)
                 explore.register_hook(self._penalty_gradient(explore, 1 / self.forward_density))
-        if optimizer is not None:
-            self.bind(optimizer)
 
     def bind(self, optimizer) -> None:
         """As for any engine; an optimizer made before the engine also gets the exploration values, each in the
