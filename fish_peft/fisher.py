@@ -17,6 +17,15 @@ import torch
 from torch import nn
 
 from .losses import loss_kind, per_example_loss, sample_labels
+from .distributed import (
+    check_same_everywhere,
+    is_sharded,
+    raise_together,
+    rank_and_world,
+    share,
+    sum_across_processes,
+    tensors_digest,
+)
 from .per_example import CallRecorder, add_square_sum
 
 FISHER_TYPES = ("empirical", "expected")
@@ -38,6 +47,7 @@ def compute_fisher(
     vectorized: bool = True,
     seed: int = 0,
     progress: bool = False,
+    sharded: Optional[bool] = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of `model` on the first `num_samples` examples of `dataloader`.
 
@@ -55,6 +65,11 @@ def compute_fisher(
         vectorized: False runs the reference loop, one example at a time.
         seed: seeds label sampling for the expected Fisher.
         progress: show a progress bar.
+        sharded: in several processes, whether the dataloader already gives each process its own data (default:
+            yes for a dataloader prepared by Accelerate). A sharded loader's processes score `num_samples` split
+            between them from their own data; an unsharded one's process r scores its contiguous part of the first
+            `num_samples` examples. Either way the scores are summed across processes, so every process returns
+            the Fisher over `num_samples` examples in all, the same as one process over the same examples.
 
     Returns:
         {parameter name: float32 tensor shaped like the parameter}.
@@ -67,12 +82,6 @@ def compute_fisher(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    available = _dataset_size(dataloader)
-    if available is not None and available < num_samples:
-        raise ValueError(
-            f"num_samples={num_samples} but the dataloader holds only {available} examples; lower num_samples "
-            "or pass more data."
-        )
     params = dict(parameters) if parameters is not None else dict(model.named_parameters())
     if not params:
         raise ValueError("No parameters to score.")
@@ -82,31 +91,64 @@ def compute_fisher(
     model.eval()  # no dropout: each example's gradient is a deterministic function of the example
     for p in params.values():
         p.requires_grad_(True)
+    rank, world = rank_and_world()
+    if world > 1:
+        check_same_everywhere(tensors_digest(params), "model being scored")
+    sharded = world > 1 and (is_sharded(dataloader) if sharded is None else sharded)
+    if sharded:  # this process's share of the budget, from the start of its own data
+        offset, end = share(num_samples, rank, world)
+        start, stop = 0, end - offset
+    else:  # this process's part of the one stream every process reads
+        offset, (start, stop) = 0, share(num_samples, rank, world)
+    error = None
     try:
-        seen = 0
-        bar = _progress_bar(num_samples, progress)
-        for batch in dataloader:
-            batch = _as_model_batch(batch, _device_of(params))
-            take = min(_batch_size(batch), num_samples - seen)
-            for start in range(0, take, chunk_size):
-                scorer.score(_slice(batch, start, min(start + chunk_size, take)), first_example=seen + start)
-            seen += take
-            bar.update(take)
-            if seen >= num_samples:
-                break
-        bar.close()
+        available = None if sharded else _dataset_size(dataloader)
+        if available is not None and available < num_samples:
+            raise ValueError(
+                f"num_samples={num_samples} but the dataloader holds only {available} examples; lower num_samples "
+                "or pass more data."
+            )
+        seen = _score_stream(scorer, dataloader, params, (start, stop), offset, chunk_size, progress and rank == 0)
+        if seen < stop:
+            here = " to this process" if world > 1 else ""
+            if seen == 0:
+                raise ValueError(f"The dataloader yielded no examples{here}; the Fisher needs at least one labelled example.")
+            raise ValueError(
+                f"num_samples={num_samples} but the dataloader yielded only {seen} examples{here}, {stop} needed; "
+                "lower num_samples or pass more data."
+            )
+    except Exception as err:  # every process must learn of it before the collective below
+        error = err
     finally:
         scorer.close()
         model.train(was_training)
         for name, p in params.items():
             p.requires_grad_(requires_grad[name])
-    if seen == 0:
-        raise ValueError("The dataloader yielded no examples; the Fisher needs at least one labelled example.")
-    if seen < num_samples:
-        raise ValueError(
-            f"num_samples={num_samples} but the dataloader yielded only {seen} examples; lower num_samples or pass more data."
-        )
+    raise_together(error, "computing the Fisher")
+    sum_across_processes(scorer.scores)
     return scorer.scores
+
+
+def _score_stream(scorer, dataloader, params, span: tuple[int, int], offset: int, chunk_size: int, progress: bool) -> int:
+    """Score the examples [start, stop) = `span` of the dataloader's stream in chunks (example i counts as number
+    offset + i); returns how far the stream reached, at most `stop`."""
+    start, stop = span
+    seen = 0
+    bar = _progress_bar(stop - start, progress)
+    for batch in dataloader:
+        batch = _as_model_batch(batch, _device_of(params))
+        size = _batch_size(batch)
+        first, last = max(start, seen), min(stop, seen + size)
+        if first < last:
+            for chunk in range(first, last, chunk_size):
+                end = min(chunk + chunk_size, last)
+                scorer.score(_slice(batch, chunk - seen, end - seen), first_example=offset + chunk)
+            bar.update(last - first)
+        seen += size
+        if seen >= stop:
+            break
+    bar.close()
+    return min(seen, stop)
 
 
 class _FisherScorer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -94,6 +95,14 @@ class FishMask(Mapping[str, torch.Tensor]):
             inter += torch.isin(self[name], other[name], assume_unique=True).sum().item()
         union = self.num_selected + other.num_selected - inter
         return inter / union if union else 1.0
+
+    def digest(self) -> str:
+        """A sha256 of the names and indices: equal for equal masks (e.g. on every process of a distributed run)."""
+        digest = hashlib.sha256()
+        for name in sorted(self._indices):
+            digest.update(name.encode())
+            digest.update(self._indices[name].cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def save(self, path: str) -> None:
         """Write the mask as a safetensors file (atomically: an interrupted save leaves any old file intact)."""

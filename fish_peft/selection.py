@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .distributed import check_same_everywhere
 from .fisher import compute_fisher
 from .masks import FishMask
 
@@ -154,7 +155,9 @@ def build_mask(
     indices = select_top_k({name: scores[name] for name in candidates}, k, selection)
     info = {**info, "keep_ratio": keep_ratio, "selection": selection, "num_total_parameters": num_total}
     shapes = {name: tuple(p.shape) for name, p in candidates.items()}
-    return FishMask(indices, shapes, modules_to_save=heads, info=info)
+    mask = FishMask(indices, shapes, modules_to_save=heads, info=info)
+    check_same_everywhere(mask.digest(), "mask")
+    return mask
 
 
 def compute_fisher_mask(

@@ -1,0 +1,47 @@
+"""Run by tests/test_distributed.py under `torch.distributed.run`: the Fisher and its mask in several processes.
+
+usage: fisher_worker.py OUT_DIR MODE, MODE one of
+  stream   every process reads the same plain DataLoader (num_samples=10: ranks split the first 10 examples)
+  sharded  a DataLoader prepared by Accelerate (each process its own batches; num_samples=12, all of them)
+  short    rank 1's shard is too short: every process must fail, none may hang
+  models   rank 1 holds another model: detected before any scoring
+Each process writes scores{rank}.safetensors and mask{rank}.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from fish_peft import compute_fisher, compute_fisher_mask
+from tests.models import example_inputs, tiny_bert
+
+NUM_EXAMPLES = 12
+
+
+def examples() -> list[dict]:
+    batch = example_inputs("bert", batch=NUM_EXAMPLES, seq=8, seed=0)
+    return [{key: value[i] for key, value in batch.items()} for i in range(NUM_EXAMPLES)]
+
+
+def main(out: Path, mode: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    model = tiny_bert(seed=rank if mode == "models" else 0)
+    data = examples()[:3] if mode == "short" and rank == 1 else examples()
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    num_samples = 10 if mode == "stream" else NUM_EXAMPLES
+    if mode != "stream":
+        loader = accelerator.prepare(loader) if mode == "sharded" else loader
+    sharded = mode in ("sharded", "short")
+    scores = compute_fisher(model, loader, num_samples=num_samples, chunk_size=3, sharded=sharded)
+    mask = compute_fisher_mask(model, loader, keep_ratio=0.05, num_samples=num_samples, chunk_size=3, sharded=sharded)
+    save_file({name: t.contiguous() for name, t in scores.items()}, str(out / f"scores{rank}.safetensors"))
+    (out / f"mask{rank}.json").write_text(json.dumps({"digest": mask.digest(), "selected": mask.num_selected}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
