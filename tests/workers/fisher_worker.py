@@ -34,8 +34,8 @@ def main(out: Path, mode: str) -> None:
     data = examples()[:3] if mode == "short" and rank == 1 else examples()
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     num_samples = 10 if mode == "stream" else NUM_EXAMPLES
-    if mode != "stream":
-        loader = accelerator.prepare(loader) if mode == "sharded" else loader
+    if mode == "sharded":
+        loader = accelerator.prepare(loader)
     sharded = mode in ("sharded", "short")
     scores = compute_fisher(model, loader, num_samples=num_samples, chunk_size=3, sharded=sharded)
     mask = compute_fisher_mask(model, loader, keep_ratio=0.05, num_samples=num_samples, chunk_size=3, sharded=sharded)
