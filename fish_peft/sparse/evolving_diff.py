@@ -90,11 +90,7 @@ class EvolvingDiff(MaskEngine):
         return [entry.values for entry in self.entries]
 
     def current_prune_rate(self) -> float:
-        if self.total_steps is None:
-            raise SparseTrainingError(
-                f"The {self.rule} diff needs total_steps= (training steps) for its prune-rate schedule."
-            )
-        return cosine_prune_rate(self.config.prune_rate, self.steps, self.total_steps)
+        return cosine_prune_rate(self.config.prune_rate, self.steps, self.total_steps, f"The {self.rule} diff")
 
     def step(self, optimizer=None) -> bool:
         updated = super().step(optimizer)
@@ -102,7 +98,7 @@ class EvolvingDiff(MaskEngine):
         return updated
 
     def _should_update(self) -> bool:
-        return self.total_steps is None or self.steps < self.total_steps
+        return self._update_due(self.steps)
 
     def _update_due(self, step: int) -> bool:
         return step % self.update_every == 0 and (self.total_steps is None or step < self.total_steps)

@@ -54,9 +54,7 @@ class SparseMomentum(StaticSparse):
         self.total_steps = total_steps
 
     def current_prune_rate(self) -> float:
-        if self.total_steps is None:
-            raise SparseTrainingError("SparseMomentum needs total_steps= (training steps) for its prune-rate schedule.")
-        return cosine_prune_rate(self.prune_rate, self.steps, self.total_steps)
+        return cosine_prune_rate(self.prune_rate, self.steps, self.total_steps, "SparseMomentum")
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         check_momentum_optimizer(optimizer, self.trained_parameters())
@@ -94,8 +92,10 @@ class SparseMomentum(StaticSparse):
         self._apply_masks()
 
 
-def cosine_prune_rate(initial: float, step: int, total_steps: int) -> float:
-    """The prune rate at `step`: `initial` decayed to 0 along a cosine over `total_steps`."""
+def cosine_prune_rate(initial: float, step: int, total_steps: Optional[int], engine: str) -> float:
+    """The prune rate at `step`: `initial` decayed to 0 along a cosine over `total_steps` (which `engine` needs)."""
+    if total_steps is None:
+        raise SparseTrainingError(f"{engine} needs total_steps= (training steps) for its prune-rate schedule.")
     return initial * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
