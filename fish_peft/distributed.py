@@ -60,8 +60,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """A sha256 of named tensors' values (for checking that processes hold the same model)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu()
         digest.update(name.encode())
-        digest.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update((tensor.float() if tensor.is_floating_point() else tensor).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

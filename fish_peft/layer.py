@@ -10,6 +10,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
+from .communication import Traffic, with_averaged_gradient
+
 
 def index_dtype(numel: int) -> torch.dtype:
     """int32 indices (4 bytes) wherever they fit, which is every parameter below 2**31 entries."""
@@ -55,6 +57,8 @@ class FishLayer(_Wrapper, BaseTunerLayer):
     While a Top-KAST diff trains, `fish_explore_values` / `fish_explore_indices` hold its exploration entries: they
     receive gradients but take no part in the forward pass and are not saved. `captured_gradients`, when set to a
     dict, collects the dense gradient of every effective parameter (what evolving diffs regrow by).
+    `gradient_traffic`, when set (an evolving diff in several processes), averages the values' gradients across
+    processes in backward itself, counting the bytes there; DDP is told to leave those values alone.
     """
 
     adapter_layer_names = ("fish_values", "fish_explore_values")
@@ -68,6 +72,7 @@ class FishLayer(_Wrapper, BaseTunerLayer):
         self.fish_explore_values = nn.ModuleDict()
         self.fish_explore_indices = nn.ModuleDict()
         self.captured_gradients: Optional[dict[str, torch.Tensor]] = None
+        self.gradient_traffic: Optional[Traffic] = None
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
@@ -113,12 +118,12 @@ class FishLayer(_Wrapper, BaseTunerLayer):
             for param_name in self.adapted_parameters(adapter_name):
                 weight = getattr(base, param_name)
                 flat = effective.get(param_name, weight.reshape(-1))
-                values = self.fish_values[adapter_name][param_name].to(weight.dtype)
+                values = self._trained(self.fish_values[adapter_name][param_name]).to(weight.dtype)
                 effective[param_name] = flat.index_add(0, self.fish_indices[adapter_name][param_name], values)
                 if adapter_name in self.fish_explore_values and param_name in self.fish_explore_values[adapter_name]:
                     effective[param_name] = _ExplorationGradient.apply(
                         effective[param_name],
-                        self.fish_explore_values[adapter_name][param_name],
+                        self._trained(self.fish_explore_values[adapter_name][param_name]),
                         self.fish_explore_indices[adapter_name][param_name],
                     )
         if self.captured_gradients is not None:
@@ -126,6 +131,9 @@ class FishLayer(_Wrapper, BaseTunerLayer):
                 if flat.requires_grad:
                     flat.register_hook(self._gradient_collector(name))
         return {name: flat.view_as(getattr(base, name)) for name, flat in effective.items()}
+
+    def _trained(self, values: nn.Parameter) -> torch.Tensor:
+        return values if self.gradient_traffic is None else with_averaged_gradient(values, self.gradient_traffic)
 
     def _gradient_collector(self, param_name: str):
         def collect(grad: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
 from torch import nn
 
 from .config import SAVE_DTYPES, FishConfig
+from .distributed import check_same_everywhere, tensors_digest
 from .layer import FishLayer, FishTiedLayer
 from .packing import PACKED_KEYS, VALUES_KEY, pack
 from .selection import in_modules
@@ -54,6 +55,20 @@ class FishModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: FishConfig, adapter_name: str) -> None:
         _wrap_tied_modules(model)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What DDP, when it wraps the PeftModel (it finds this attribute through PeftModel's forwarding), must leave
+        alone: the index buffers, which would otherwise be broadcast before every forward though they never change
+        in a step, and the values an evolving diff averages itself. DDP reads it once, in every process at once, so
+        this is also where the processes check that they hold the same masks."""
+        indices = {name: b for name, b in self.named_buffers() if ".fish_indices." in name or ".fish_explore_indices." in name}
+        check_same_everywhere(tensors_digest(indices), "FISH mask (the adapters' indices)")
+        ignored = list(indices)
+        for module_name, module in self.named_modules():
+            if isinstance(module, FishLayer) and module.gradient_traffic is not None:
+                ignored += [f"{module_name}.{name}" for name, _ in module.named_parameters() if name.startswith("fish_")]
+        return [f"base_model.{name}" for name in ignored]
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -286,6 +286,9 @@ def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArgumen
         metric_for_best_model=f"{first_split}_{task.metrics[0]}",
         greater_is_better=True,
         logging_strategy="epoch",
+        # a classifier's loss is already a mean over its batch; left on, Trainer multiplies it by the number of
+        # processes (meant for token-summed LM losses), so DDP's gradients would be that many times too large
+        average_tokens_across_devices=False,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,

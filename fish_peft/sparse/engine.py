@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..distributed import check_same_everywhere
 from .densities import layer_densities
 from .optimizer_state import groups_of, unwrap_optimizer
 from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError, find_sparse_weights
@@ -54,6 +55,7 @@ class MaskEngine(ABC):
         if self.steps % self.update_every == 0 and self._should_update():
             started = time.perf_counter()
             self.update_masks()
+            check_same_everywhere(self.mask_digest(), f"mask after update at step {self.steps}")
             self.update_seconds += time.perf_counter() - started
             return True
         return False

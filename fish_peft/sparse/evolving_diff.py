@@ -5,6 +5,11 @@ rule. The engines drive a `PeftModel` made with `FishConfig(mask_update=...)`; c
 Entries that were never in the diff have Δ = 0 and no optimizer state, so neither magnitude nor momentum can rank
 them; regrowth ranks them by the dense gradient of the loss in W + Δ, captured on the update step only (summed over
 its micro-batches), which is the signal both papers' momentum is built from.
+
+In several processes (DDP through Accelerate or a Trainer) the engine averages the values' gradients itself, since a
+sparse-momentum diff changes their lengths, which DDP does not allow: create it before `accelerator.prepare(model)`
+(a Trainer prepares the model when training starts). The dense gradients are averaged before each update, so every
+process makes the same decision; the masks are compared across processes after it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..communication import Traffic, average_across_processes
 from ..config import FishConfig
+from ..distributed import rank_and_world
 from ..layer import FishLayer, index_dtype
 from ..masks import FishMask
 from .engine import MaskEngine
@@ -78,6 +85,10 @@ class EvolvingDiff(MaskEngine):
         self.updates = 0
         self.entries = _diff_entries(model, adapter, config)
         self._layers = list({id(e.layer): e.layer for e in self.entries}.values())
+        self.traffic = Traffic()
+        if rank_and_world()[1] > 1:
+            for layer in self._layers:
+                layer.gradient_traffic = self.traffic
         self._capture(self._update_due(1))
         self._prepare()
         if optimizer is not None:
@@ -110,10 +121,21 @@ class EvolvingDiff(MaskEngine):
 
     def update_masks(self) -> None:
         with torch.no_grad():
+            self._average_dense_gradients()
             self.move_entries(self.current_prune_rate())
         for entry in self.entries:
             self.config.sparse_parameters[entry.name] = entry.indices.numel()
         self.updates += 1
+
+    def _average_dense_gradients(self) -> None:
+        """Make every process rank candidates by the same (averaged) dense gradients."""
+        if rank_and_world()[1] == 1:
+            return
+        for entry in sorted(self.entries, key=lambda e: e.name):
+            gradient = entry.dense_gradient()
+            if gradient is None:  # not used in this process's forward: it still takes part in the collective
+                gradient = torch.zeros(entry.numel, device=entry.values.device)
+            entry.layer.captured_gradients[entry.attr] = average_across_processes(gradient, self.traffic, "dense gradients")
 
     @abstractmethod
     def move_entries(self, rate: float) -> None:
@@ -152,6 +174,11 @@ class EvolvingDiff(MaskEngine):
 
 def fish_adapter_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[str, FishConfig]:
     """The name and config of the FISH adapter an engine should move (default: the active one)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise SparseTrainingError(
+            "The model is already wrapped in DistributedDataParallel: create the evolving-diff engine on the PeftModel "
+            "before accelerator.prepare(model), then pass the prepared optimizer to engine.step()."
+        )
     configs = getattr(model, "peft_config", None)
     if not configs:
         raise SparseTrainingError("An evolving diff needs the PeftModel from get_peft_model(model, FishConfig(...)).")

@@ -41,6 +41,7 @@ def main(out: Path, mode: str) -> None:
     mask = compute_fisher_mask(model, loader, keep_ratio=0.05, num_samples=num_samples, chunk_size=3, sharded=sharded)
     save_file({name: t.contiguous() for name, t in scores.items()}, str(out / f"scores{rank}.safetensors"))
     (out / f"mask{rank}.json").write_text(json.dumps({"digest": mask.digest(), "selected": mask.num_selected}))
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
