@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .distributed import leave_process_group
 from .recipe import METHODS, Recipe, load_recipe, parse_overrides
 
 RECIPE_KEYS = ", ".join(f.name for f in dataclasses.fields(Recipe))
@@ -35,10 +36,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.handler(args, parse_overrides(rest))
+        status = args.handler(args, parse_overrides(rest))
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"fish-peft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    leave_process_group()  # under `accelerate launch`: all processes finish together
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,3 +79,10 @@ def check_same_everywhere(digest: str, what: str) -> None:
             f"The {what} differs between processes (rank 0 vs ranks {differing}); every process must start from the "
             "same model and see the same settings: seed them identically and load the same checkpoint."
         )
+
+
+def leave_process_group() -> None:
+    """Wait for every process, then close the process group: a process that exits alone makes gloo abort the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -36,6 +36,7 @@ from transformers import (
 from .atomic import atomic_path
 from .config import FishConfig
 from .demo_data import minilm_path, split_rotten_tomatoes
+from .distributed import rank_and_world
 from .glue_data import load_raw_splits, prepare_splits, tokenize_splits
 from .mask_plot import plot_mask
 from .masks import FishMask
@@ -125,10 +126,12 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     if engine is not None:
         results["mask"]["update_seconds"] = engine.update_seconds
         results["mask"]["jaccard_with_initial"] = mask.jaccard(initial_mask)
-    results["adapter_bytes"] = save_run(out, recipe, setup.task, model, mask, results)
-    results["wall_seconds"] = time.perf_counter() - started
-    write_json(out / "results.json", results)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    rank, results["processes"] = rank_and_world()
+    if rank == 0:  # under `accelerate launch` the first process writes the output folder
+        results["adapter_bytes"] = save_run(out, recipe, setup.task, model, mask, results)
+        results["wall_seconds"] = time.perf_counter() - started
+        write_json(out / "results.json", results)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return results
 
 
