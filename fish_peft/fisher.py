@@ -48,6 +48,7 @@ def compute_fisher(
     seed: int = 0,
     progress: bool = False,
     sharded: Optional[bool] = None,
+    per_process: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of `model` on the first `num_samples` examples of `dataloader`.
 
@@ -70,6 +71,8 @@ def compute_fisher(
             between them from their own data; an unsharded one's process r scores its contiguous part of the first
             `num_samples` examples. Either way the scores are summed across processes, so every process returns
             the Fisher over `num_samples` examples in all, the same as one process over the same examples.
+        per_process: each process scores the first `num_samples` examples of its own dataloader alone and keeps
+            its own scores (the FISH paper's individual masks in distributed training); nothing is exchanged.
 
     Returns:
         {parameter name: float32 tensor shaped like the parameter}.
@@ -91,7 +94,7 @@ def compute_fisher(
     model.eval()  # no dropout: each example's gradient is a deterministic function of the example
     for p in params.values():
         p.requires_grad_(True)
-    rank, world = rank_and_world()
+    rank, world = (0, 1) if per_process else rank_and_world()
     if world > 1:
         check_same_everywhere(tensors_digest(params), "model being scored")
     sharded = world > 1 and (is_sharded(dataloader) if sharded is None else sharded)
@@ -124,8 +127,11 @@ def compute_fisher(
         model.train(was_training)
         for name, p in params.items():
             p.requires_grad_(requires_grad[name])
-    raise_together(error, "computing the Fisher")
-    sum_across_processes(scorer.scores)
+    if world == 1 and error is not None:
+        raise error
+    if world > 1:
+        raise_together(error, "computing the Fisher")
+        sum_across_processes(scorer.scores)
     return scorer.scores
 
 

@@ -81,18 +81,26 @@ class FishLayer(_Wrapper, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
         """Add adapter `adapter_name` with zero-initialised values at `indices` ({param attribute: flat indices})."""
+        self.fish_values[adapter_name] = nn.ParameterDict()
+        self.fish_indices[adapter_name] = BufferDict(persistent=True)
+        self.add_parameters(adapter_name, indices)
+
+    def add_parameters(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
+        """Let adapter `adapter_name` also change these parameters, with zero-initialised values at `indices`."""
         base = self.get_base_layer()
         own = dict(base.named_parameters(recurse=False))
-        values, buffers = {}, {}
         for param_name, idx in indices.items():
             if param_name not in own:
                 raise ValueError(f"{type(base).__name__} has no parameter '{param_name}' of its own to adapt.")
             weight = own[param_name]
-            values[param_name] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
-            buffers[param_name] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
-        self.fish_values[adapter_name] = nn.ParameterDict(values)
-        self.fish_indices[adapter_name] = BufferDict(buffers, persistent=True)
+            self.fish_values[adapter_name][param_name] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
+            self.fish_indices[adapter_name][param_name] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
         self.set_adapter(self.active_adapters)
+
+    def remove_parameter(self, adapter_name: str, param_name: str) -> None:
+        """Adapter `adapter_name` no longer changes `param_name`."""
+        del self.fish_values[adapter_name][param_name]
+        del self.fish_indices[adapter_name][param_name]
 
     def set_exploration(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
         """Give adapter `adapter_name` zero-initialised exploration entries at `indices` ({param attribute: flat

@@ -83,7 +83,7 @@ class EvolvingDiff(MaskEngine):
         self.config = config
         self.total_steps = total_steps
         self.updates = 0
-        self.entries = _diff_entries(model, adapter, config)
+        self.entries = diff_entries(model, adapter, config)
         self._layers = list({id(e.layer): e.layer for e in self.entries}.values())
         self.traffic = Traffic()
         if rank_and_world()[1] > 1:
@@ -189,7 +189,9 @@ def fish_adapter_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[
     return adapter, config
 
 
-def _diff_entries(model: nn.Module, adapter: str, config: FishConfig) -> list[DiffEntry]:
+def diff_entries(model: nn.Module, adapter: str, config: FishConfig, missing_ok: bool = False) -> list[DiffEntry]:
+    """The adapted parameters of adapter `adapter` in `model`; with `missing_ok`, those `config` does not name are
+    left out instead of refused."""
     entries = []
     for module_name, module in model.named_modules():
         if not isinstance(module, FishLayer) or adapter not in module.fish_values:
@@ -198,6 +200,8 @@ def _diff_entries(model: nn.Module, adapter: str, config: FishConfig) -> list[Di
         for attr in module.adapted_parameters(adapter):
             name = f"{owner}.{attr}"
             if name not in config.sparse_parameters:
+                if missing_ok:
+                    continue
                 raise SparseTrainingError(f"'{name}' is in the model's adapter '{adapter}' but not in its config.")
             numel = math.prod(config.parameter_shapes[name])
             entries.append(DiffEntry(name, module, attr, adapter, numel))
