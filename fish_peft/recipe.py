@@ -32,6 +32,10 @@ class Recipe:
     prune_rate: float = 0.5  # share of entries replaced at the first update, cosine-decayed (with mask_update)
     exploration: float = 1.0  # Top-KAST diff: exploration entries per forward entry
     penalty: float = 1e-2  # Top-KAST diff: λ of the exploration penalty (λ/D pulls exploration entries to 0)
+    merge_every: Optional[int] = None  # the FISH paper's distributed mode: processes train apart, merge every N steps
+    merge_reduction: str = "mean"  # mean | sum of the processes' changes at a merge
+    recompute_every: Optional[int] = None  # merges between mask recomputations (None: the mask stays)
+    mask_sharing: str = "shared"  # shared (one Fisher over every process's data) | individual (each its own)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
@@ -69,6 +73,7 @@ class Recipe:
         for name in ("num_samples", "batch_size", "eval_batch_size", "max_length", "lora_r", "update_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Recipe: {name} must be at least 1, got {getattr(self, name)}.")
+        self._check_merging()
         if self.lr <= 0 or self.epochs <= 0:
             raise ValueError(f"Recipe: lr and epochs must be positive, got lr={self.lr}, epochs={self.epochs}.")
         if any(v <= 0 for v in self.lr_by_method.values()) or any(v < 1 for v in self.batch_size_by_method.values()):
@@ -76,6 +81,21 @@ class Recipe:
                 f"Recipe: lr_by_method values must be positive and batch_size_by_method values at least 1, got "
                 f"{self.lr_by_method} and {self.batch_size_by_method}."
             )
+
+    def _check_merging(self) -> None:
+        for name in ("merge_every", "recompute_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"Recipe: {name} must be at least 1 (or left out), got {getattr(self, name)}.")
+        if self.merge_reduction not in ("mean", "sum") or self.mask_sharing not in ("shared", "individual"):
+            raise ValueError(
+                f"Recipe: merge_reduction must be mean or sum and mask_sharing shared or individual, got "
+                f"{self.merge_reduction!r} and {self.mask_sharing!r}."
+            )
+        if self.merge_every is None:
+            if self.recompute_every is not None or self.mask_sharing != "shared":
+                raise ValueError("Recipe: recompute_every and mask_sharing belong to merged training; set merge_every too.")
+        elif self.method != "fish" or self.mask_update is not None:
+            raise ValueError("Recipe: merged training (merge_every) trains a fixed FISH mask: method fish, no mask_update.")
 
     def with_method_settings(self) -> "Recipe":
         """This recipe with `method`'s own learning rate and batch size (from the *_by_method tables) in effect."""

@@ -40,6 +40,7 @@ from .distributed import rank_and_world
 from .glue_data import load_raw_splits, prepare_splits, tokenize_splits
 from .mask_plot import plot_mask
 from .masks import FishMask
+from .merged_training import own_share, train_merged
 from .model_card import render_model_card
 from .recipe import Recipe, load_recipe
 from .selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
@@ -103,7 +104,12 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         compute_metrics=setup.metric_fn(),
         callbacks=[timer] + ([SparseTrainingCallback(engine)] if engine else []),
     )
-    train_output = trainer.train()
+    if recipe.merge_every:
+        merged = train_merged(recipe, model, trainer, lambda: fisher_loader(recipe, setup.tokenized["train"], setup.collator))
+        mask = merged_mask(model, mask)
+    else:
+        merged = None
+        train_output = trainer.train()
     if engine is not None:
         mask = engine.current_mask()
     best = {split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split) for split, dataset in evaluation.items()}
@@ -117,8 +123,8 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         "trainable_parameters": count_trainable(model),
         "total_parameters": sum(p.numel() for _, p in base_named_parameters(model)),
         "fisher_seconds": fisher_seconds,
-        "mean_step_seconds": timer.mean(),
-        "train_seconds": train_output.metrics["train_runtime"],
+        "mean_step_seconds": merged["mean_step_seconds"] if merged else timer.mean(),
+        "train_seconds": merged["train_seconds"] if merged else train_output.metrics["train_runtime"],
         "peak_memory_bytes": peak_memory_bytes(),
         "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info},
         "recipe": dataclasses.asdict(recipe),
@@ -126,6 +132,8 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     if engine is not None:
         results["mask"]["update_seconds"] = engine.update_seconds
         results["mask"]["jaccard_with_initial"] = mask.jaccard(initial_mask)
+    if merged:
+        results["merging"] = merged["merging"]
     rank, results["processes"] = rank_and_world()
     if rank == 0:  # under `accelerate launch` the first process writes the output folder
         results["adapter_bytes"] = save_run(out, recipe, setup.task, model, mask, results)
@@ -133,6 +141,12 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         write_json(out / "results.json", results)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return results
+
+
+def merged_mask(model, initial: FishMask) -> FishMask:
+    """The support of a merged run's adapter (the union of every merged position), for the plot and the card."""
+    config = model.peft_config["default"]
+    return config.mask if config.mask is not None else initial
 
 
 def build_mask_only(recipe: Recipe) -> tuple[FishMask, dict[str, tuple[int, ...]]]:
@@ -235,14 +249,21 @@ def load_model(recipe: Recipe, task: Task, splits):
     return AutoModelForSequenceClassification.from_pretrained(resolve_model(recipe.model), **kwargs)
 
 
+def fisher_loader(recipe: Recipe, train_dataset, collator) -> DataLoader:
+    """The shuffled (seeded) training examples the Fisher is scored on; with individual masks in merged training,
+    only this process's share of them."""
+    generator = torch.Generator().manual_seed(recipe.seed)
+    dataset = own_share(train_dataset, recipe) if recipe.merge_every else train_dataset
+    return DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collator, generator=generator)
+
+
 def method_mask(recipe: Recipe, model, train_dataset, collator) -> Optional[FishMask]:
     """The sparse support of the sparse methods (None for lora and full)."""
     if recipe.method == "fish":
-        generator = torch.Generator().manual_seed(recipe.seed)
-        loader = DataLoader(train_dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collator, generator=generator)
         return compute_fisher_mask(
-            model, loader, recipe.keep_ratio, recipe.num_samples, selection=recipe.selection, eligible=recipe.eligible,
-            fisher=recipe.fisher, progress=True,
+            model, fisher_loader(recipe, train_dataset, collator), recipe.keep_ratio, recipe.num_samples,
+            selection=recipe.selection, eligible=recipe.eligible, fisher=recipe.fisher, progress=True,
+            per_process=recipe.merge_every is not None and recipe.mask_sharing == "individual",
         )
     if recipe.method == "random":
         return random_mask(model, recipe.keep_ratio, seed=recipe.seed, selection=recipe.selection, eligible=recipe.eligible)

@@ -131,10 +131,14 @@ def bad_input_cases(tmp_path):
         "label out of range": ([RECIPES / "glue" / "sst2.yaml", "--train-file", train, "--validation-file", unseen], "label"),
         "text column missing": ([RECIPES / "glue" / "sst2.yaml", *data, "--text-columns", "review"], "review"),
         "not a GLUE task": ([RECIPES / "glue" / "sst2.yaml", *data, "--task", "sst3"], "sst3"),
+        "merge_every below 1": ([RECIPES / "glue" / "sst2.yaml", *data, "--merge-every", "0"], "merge_every must be at least 1"),
     }
 
 
-@pytest.mark.parametrize("case", ["unknown recipe key", "unknown override", "missing recipe", "missing data file", "label out of range", "text column missing", "not a GLUE task"])
+@pytest.mark.parametrize("case", [
+    "unknown recipe key", "unknown override", "missing recipe", "missing data file", "label out of range",
+    "text column missing", "not a GLUE task", "merge_every below 1",
+])
 def test_bad_input_is_refused_before_training(case, checkpoint, tmp_path, capsys):
     args, message = bad_input_cases(tmp_path)[case]
     out = tmp_path / "run"

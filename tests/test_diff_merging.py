@@ -2,19 +2,24 @@
 process, as the paper's authors ran them; merging in one process changes nothing; bad input is refused."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from torch.testing import assert_close
+from transformers import AutoModelForSequenceClassification
 
 from fish_peft.diff_merging import DiffMerger
 from fish_peft.layer import FishLayer
 from fish_peft.selection import base_named_parameters
 from tests.distributed_launch import launch
-from tests.models import example_inputs, tiny_bert
+from tests.glue_files import WORDS, write_glue_files
+from tests.models import example_inputs, save_tiny_checkpoint, tiny_bert
 from tests.workers.merge_worker import BATCH, MERGE_EVERY, STEPS, optimizer_for, shard, train_one_batch, worker_model
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PROBE = example_inputs("bert", batch=4, seq=8, seed=9, labels=False)
 
 
@@ -143,3 +148,25 @@ def test_bad_settings_are_refused(kwargs, message):
     model = worker_model(0)
     with pytest.raises(ValueError, match=message):
         DiffMerger(model, optimizer_for(model), **kwargs)
+
+
+@pytest.mark.parametrize("sharing", ["shared", "individual"])
+def test_fish_peft_train_merges_diffs_in_two_processes(tmp_path, sharing):
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny-bert", WORDS)
+    train, validation = write_glue_files("sst2", tmp_path)
+    out = tmp_path / "run"
+    run = launch(
+        "cli_worker.py", "train", RECIPES / "glue" / "sst2.yaml", "--model", checkpoint, "--output-dir", out,
+        "--train-file", train, "--validation-file", validation, "--epochs", "1", "--batch-size", "4",
+        "--num-samples", "8", "--max-length", "32", "--lr", "1e-2", "--merge-every", "2", "--recompute-every", "2",
+        "--mask-sharing", sharing,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    merging = results["merging"]
+    assert merging["processes"] == 2 and merging["merges"] == math.ceil(merging["steps"] / 2) >= 2
+    assert merging["recomputations"] == merging["merges"] // 2
+    assert merging["bytes_per_process"] > 0 and "accuracy" in results["metrics"]["validation"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sum(config["sparse_parameters"].values()) == results["mask"]["selected"]
+    PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2), out)
