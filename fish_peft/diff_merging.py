@@ -229,15 +229,13 @@ class DiffMerger:
                 continue
             wanted = wanted.long().sort().values
             data = torch.zeros(wanted.numel(), device=entry.values.device) if values is None else values[entry.name]
-            previous = old.get(entry.name)
-            state = {}
-            if previous is not None and self.optimizer is not None:
-                state = _state_at(self.optimizer.state.pop(previous.values, {}), previous.indices.long(), wanted)
             parameter = nn.Parameter(data.to(entry.values.device).contiguous())
+            state = {}
+            if self.optimizer is not None and entry.name in old:  # the entry's values before this call
+                state = _state_at(self.optimizer.state.get(entry.values, {}), entry.indices.long(), wanted)
+                _drop(self.optimizer, entry.values)
             entry.set_entries(wanted, parameter)
             if self.optimizer is not None:
-                if previous is not None:
-                    _drop(self.optimizer, previous.values)
                 group["params"].append(parameter)
                 if state:
                     self.optimizer.state[parameter] = state

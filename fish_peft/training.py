@@ -125,6 +125,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         "fisher_seconds": fisher_seconds,
         "mean_step_seconds": merged["mean_step_seconds"] if merged else timer.mean(),
         "train_seconds": merged["train_seconds"] if merged else train_output.metrics["train_runtime"],
+        "steps": merged["merging"]["steps"] if merged else trainer.state.global_step,
         "peak_memory_bytes": peak_memory_bytes(),
         "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info},
         "recipe": dataclasses.asdict(recipe),

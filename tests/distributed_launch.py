@@ -24,3 +24,20 @@ def launch(worker: str, *args, processes: int = 2, timeout: float = 300) -> subp
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def train_sst2_in_two_processes(tmp_path: Path, *options) -> tuple[Path, str]:
+    """`fish-peft train` on a tiny local SST-2 and checkpoint in 2 processes; returns (output folder, checkpoint)."""
+    from tests.glue_files import WORDS, write_glue_files
+    from tests.models import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny-bert", WORDS)
+    train, validation = write_glue_files("sst2", tmp_path)
+    out = tmp_path / "run"
+    run = launch(
+        "cli_worker.py", "train", ROOT / "recipes" / "glue" / "sst2.yaml", "--model", checkpoint, "--output-dir", out,
+        "--train-file", train, "--validation-file", validation, "--epochs", "1", "--batch-size", "4",
+        "--num-samples", "8", "--max-length", "32", *options,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out, checkpoint

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
-from tests.distributed_launch import launch
-from tests.glue_files import WORDS, write_glue_files
-from tests.models import save_tiny_checkpoint, tiny_bert
+from tests.distributed_launch import launch, train_sst2_in_two_processes
+from tests.models import tiny_bert
 from tests.workers.ddp_worker import STEPS, peft_model, train_loop, train_trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -83,17 +82,23 @@ def test_processes_with_different_masks_are_stopped_when_ddp_wraps_the_model(tmp
 
 
 def test_fish_peft_train_runs_in_two_processes_and_the_first_writes_the_run(tmp_path):
-    checkpoint = save_tiny_checkpoint(tmp_path / "tiny-bert", WORDS)
-    train, validation = write_glue_files("sst2", tmp_path)
-    out = tmp_path / "run"
-    run = launch(
-        "cli_worker.py", "train", RECIPES / "glue" / "sst2.yaml", "--model", checkpoint, "--output-dir", out,
-        "--train-file", train, "--validation-file", validation, "--epochs", "1", "--batch-size", "4",
-        "--num-samples", "8", "--max-length", "32", "--mask-update", "sparse_momentum", "--update-every", "2",
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    out, checkpoint = train_sst2_in_two_processes(tmp_path, "--mask-update", "sparse_momentum", "--update-every", "2")
     results = json.loads((out / "results.json").read_text())
     assert results["processes"] == 2 and results["mask"]["mask_updates"] >= 1
     reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2), out)
     assert reloaded.peft_config["default"].sparse_parameters == json.loads((out / "adapter_config.json").read_text())["sparse_parameters"]
     assert not list(out.glob(".saving-*")) and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("rule", ["sparse_momentum", "topkast"])
+def test_whole_network_mask_updates_agree_on_every_rank(tmp_path, rule):
+    """Every update compares the masks across processes (MaskEngine.step) and would stop the run if they differed."""
+    out = tmp_path / "run"
+    run = launch(
+        "cli_worker.py", "sparse-train", RECIPES / "sparse" / f"digits_{rule}.yaml", "--output-dir", out,
+        "--epochs", "2", "--update-every", "4",
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["mask_updates"] >= 2
+    assert abs(results["density"] - results["recipe"]["density"]) < 0.01

@@ -3,7 +3,6 @@ process, as the paper's authors ran them; merging in one process changes nothing
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +10,14 @@ from peft import PeftModel
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
+from fish_peft import random_mask
 from fish_peft.diff_merging import DiffMerger
 from fish_peft.layer import FishLayer
 from fish_peft.selection import base_named_parameters
-from tests.distributed_launch import launch
-from tests.glue_files import WORDS, write_glue_files
-from tests.models import example_inputs, save_tiny_checkpoint, tiny_bert
+from tests.distributed_launch import launch, train_sst2_in_two_processes
+from tests.models import example_inputs, tiny_bert
 from tests.workers.merge_worker import BATCH, MERGE_EVERY, STEPS, optimizer_for, shard, train_one_batch, worker_model
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PROBE = example_inputs("bert", batch=4, seq=8, seed=9, labels=False)
 
 
@@ -114,8 +112,6 @@ def test_merging_in_one_process_changes_nothing_and_finish_keeps_the_model():
         optimizer = optimizer_for(model)
         merger = None
         if merge:
-            from fish_peft import random_mask
-
             kwargs = {"recompute_every": 1, "recompute_mask": lambda: random_mask(model, 0.05, seed=merger.merges)} if recompute else {}
             merger = DiffMerger(model, optimizer, merge_every=2, **kwargs)
         for batch in list(torch.utils.data.DataLoader(shard(0), batch_size=BATCH))[:5]:
@@ -125,6 +121,8 @@ def test_merging_in_one_process_changes_nothing_and_finish_keeps_the_model():
         before = logits(model)
         if merger:
             merger.finish()
+        trained = {id(p) for p in model.parameters() if p.requires_grad}
+        assert {id(p) for group in optimizer.param_groups for p in group["params"]} == trained  # nothing stale
         return model, before, logits(model)
 
     _, _, plain = train(merge=False)
@@ -152,16 +150,9 @@ def test_bad_settings_are_refused(kwargs, message):
 
 @pytest.mark.parametrize("sharing", ["shared", "individual"])
 def test_fish_peft_train_merges_diffs_in_two_processes(tmp_path, sharing):
-    checkpoint = save_tiny_checkpoint(tmp_path / "tiny-bert", WORDS)
-    train, validation = write_glue_files("sst2", tmp_path)
-    out = tmp_path / "run"
-    run = launch(
-        "cli_worker.py", "train", RECIPES / "glue" / "sst2.yaml", "--model", checkpoint, "--output-dir", out,
-        "--train-file", train, "--validation-file", validation, "--epochs", "1", "--batch-size", "4",
-        "--num-samples", "8", "--max-length", "32", "--lr", "1e-2", "--merge-every", "2", "--recompute-every", "2",
-        "--mask-sharing", sharing,
+    out, checkpoint = train_sst2_in_two_processes(
+        tmp_path, "--lr", "1e-2", "--merge-every", "2", "--recompute-every", "2", "--mask-sharing", sharing
     )
-    assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     merging = results["merging"]
     assert merging["processes"] == 2 and merging["merges"] == math.ceil(merging["steps"] / 2) >= 2
