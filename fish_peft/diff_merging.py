@@ -41,6 +41,7 @@ class DiffMerger:
         reduction: "mean" or "sum" of the processes' changes.
         recompute_every: merges between mask recomputations (None: the mask stays).
         recompute_mask: `() -> FishMask`, called on every process at a recomputation.
+        total_steps: the run's length, if known: no mask is recomputed after the last merge.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class DiffMerger:
         reduction: str = "mean",
         recompute_every: Optional[int] = None,
         recompute_mask: Optional[Callable[[], FishMask]] = None,
+        total_steps: Optional[int] = None,
         adapter_name: Optional[str] = None,
     ):
         if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
@@ -74,6 +76,7 @@ class DiffMerger:
         self.optimizer = unwrap_optimizer(optimizer)
         self.merge_every, self.reduction = merge_every, reduction
         self.recompute_every, self.recompute_mask = recompute_every, recompute_mask
+        self.total_steps = total_steps
         self.steps = self.merges = self.recomputations = 0
         self.traffic = Traffic()
         self.base = dict(base_named_parameters(model))
@@ -105,7 +108,8 @@ class DiffMerger:
                 parameter.copy_(self.head_at_merge[name] + change)
                 self.head_at_merge[name] = parameter.detach().clone()
         self.merges += 1
-        if self.recompute_every and self.merges % self.recompute_every == 0:
+        last = self.total_steps is not None and self.steps >= self.total_steps
+        if self.recompute_every and self.merges % self.recompute_every == 0 and not last:
             self._recompute()
 
     def _check_in(self, what: str) -> bool:

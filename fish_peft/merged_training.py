@@ -29,6 +29,7 @@ def train_merged(recipe: Recipe, model, trainer: Trainer, fisher_loader: Callabl
     merger = DiffMerger(
         model, optimizer, merge_every=recipe.merge_every, reduction=recipe.merge_reduction,
         recompute_every=recipe.recompute_every, recompute_mask=lambda: recomputed_mask(recipe, model, fisher_loader()),
+        total_steps=steps,
     )
     started, done = time.perf_counter(), 0
     model.train()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import (
@@ -63,6 +64,7 @@ class Setup:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> "Setup":
+        PartialState()  # under accelerate launch / torch.distributed.run: join the process group before the Fisher
         set_seed(recipe.seed)
         task, splits = load_task_splits(recipe)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
