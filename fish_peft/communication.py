@@ -51,13 +51,14 @@ def count_ddp_traffic(ddp_model: torch.nn.parallel.DistributedDataParallel, traf
     return traffic
 
 
-def average_across_processes(tensor: torch.Tensor, traffic: Traffic, what: str) -> torch.Tensor:
-    """In place: `tensor` becomes its mean over all processes (unchanged in one process); returns it."""
+def reduce_across_processes(tensor: torch.Tensor, traffic: Traffic, what: str, mean: bool = True) -> torch.Tensor:
+    """In place: `tensor` becomes its mean (or sum) over all processes, counted in `traffic` as `what`; returns it."""
     world = rank_and_world()[1]
     if world > 1:
         traffic.add(what, tensor)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(world)
+        if mean:
+            tensor.div_(world)
     return tensor
 
 
@@ -72,7 +73,7 @@ class _AveragedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return average_across_processes(grad.contiguous().clone(), ctx.traffic, "diff gradients"), None
+        return reduce_across_processes(grad.contiguous().clone(), ctx.traffic, "diff gradients"), None
 
 
 def with_averaged_gradient(tensor: torch.Tensor, traffic: Traffic) -> torch.Tensor:

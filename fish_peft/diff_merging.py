@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .communication import Traffic
+from .communication import Traffic, reduce_across_processes
 from .config import FishConfig
 from .distributed import ProcessMismatchError, check_same_everywhere, rank_and_world, tensors_digest
 from .masks import FishMask
@@ -115,11 +115,10 @@ class DiffMerger:
     def _check_in(self, what: str) -> bool:
         """Every process must be at the same step of the same call; returns whether all hold the same mask."""
         world = rank_and_world()[1]
-        reports: list = [None] * world
-        mine = (what, self.steps, self.mask_digest())
         if world == 1:
             return True
-        dist.all_gather_object(reports, mine)
+        reports: list = [None] * world
+        dist.all_gather_object(reports, (what, self.steps, self.mask_digest()))
         if len({(w, s) for w, s, _ in reports}) > 1:
             raise ProcessMismatchError(
                 f"The processes are out of step: {[(w, s) for w, s, _ in reports]} (call, local steps) by rank. "
@@ -148,11 +147,7 @@ class DiffMerger:
 
     def _reduce(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """Sum or mean of `tensor` over the processes."""
-        world = rank_and_world()[1]
-        if world > 1:
-            self.traffic.add(what, tensor)
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor / world if self.reduction == "mean" else tensor
+        return reduce_across_processes(tensor, self.traffic, what, mean=self.reduction == "mean")
 
     def _gather(self, positions: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every process's (positions, values), concatenated (their counts may differ)."""

@@ -71,4 +71,3 @@ def own_share(dataset, recipe: Recipe):
     """This process's contiguous share of a dataset (individual masks are scored on it)."""
     rank, world = rank_and_world()
     return dataset.shard(num_shards=world, index=rank, contiguous=True) if recipe.mask_sharing == "individual" else dataset
-

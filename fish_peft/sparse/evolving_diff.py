@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..communication import Traffic, average_across_processes
+from ..communication import Traffic, reduce_across_processes
 from ..config import FishConfig
 from ..distributed import rank_and_world
 from ..layer import FishLayer, index_dtype
@@ -135,7 +135,7 @@ class EvolvingDiff(MaskEngine):
             gradient = entry.dense_gradient()
             if gradient is None:  # not used in this process's forward: it still takes part in the collective
                 gradient = torch.zeros(entry.numel, device=entry.values.device)
-            entry.layer.captured_gradients[entry.attr] = average_across_processes(gradient, self.traffic, "dense gradients")
+            entry.layer.captured_gradients[entry.attr] = reduce_across_processes(gradient, self.traffic, "dense gradients")
 
     @abstractmethod
     def move_entries(self, rate: float) -> None:
