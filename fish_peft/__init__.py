@@ -7,6 +7,7 @@ Importing this package registers the method with PEFT, so `get_peft_model(model,
 from ._registration import register as _register
 from .config import FishConfig
 from .fisher import compute_fisher
+from .hub import HubError, push_adapter
 from .layer import FishLayer
 from .masks import FishMask
 from .model import FishModel
@@ -23,10 +24,12 @@ __all__ = [
     "FishLayer",
     "FishMask",
     "FishModel",
+    "HubError",
     "bias_mask",
     "compute_fisher",
     "compute_fisher_mask",
     "magnitude_mask",
     "mask_from_scores",
+    "push_adapter",
     "random_mask",
 ]

@@ -1,7 +1,9 @@
-"""Make FISH a first-class PEFT method without patching PEFT.
+"""Make FISH a first-class PEFT method.
 
 PEFT dispatches config loading, model construction and state-dict key handling through mapping dicts keyed by
 `PeftType`. We add a `FISH` member to that enum and fill the dicts through PEFT's own `register_peft_method`.
+The one PEFT method fish-peft wraps is `PeftModel.push_to_hub`, and only for models with FISH adapters (see
+`hub.py`): nothing else would keep transformers from replacing the model card with a generic one.
 """
 
 from peft.utils import PeftType, register_peft_method
@@ -28,11 +30,15 @@ FISH_PEFT_TYPE = _add_peft_type_member(FISH_NAME.upper())
 
 
 def register() -> None:
-    """Register FISH's config and tuner with PEFT once per interpreter."""
+    """Register FISH's config and tuner with PEFT once per interpreter, and give FISH models fish-peft's
+    `push_to_hub` (the card; see `hub.py`)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     from .config import FishConfig
     from .model import FishModel
 
+    from .hub import install_push_to_hub
+
     if FISH_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name=FISH_NAME, config_cls=FishConfig, model_cls=FishModel)
+    install_push_to_hub()

@@ -1,4 +1,4 @@
-"""The `fish-peft` command: train, mask, eval and compare from YAML recipes."""
+"""The `fish-peft` command: train, mask, eval and compare from YAML recipes; push a run to the Hub."""
 
 from __future__ import annotations
 
@@ -35,11 +35,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .hub import HubError
+
     try:
         status = args.handler(args, parse_overrides(rest))
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"fish-peft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except HubError as err:
+        print(f"fish-peft {args.command}: error: {err}", file=sys.stderr)
+        return 1
     leave_process_group()  # under `accelerate launch`: all processes finish together
     return status
 
@@ -75,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     sparse.add_argument("recipe", help="YAML recipe, e.g. recipes/sparse/digits_sparse_momentum.yaml")
     sparse.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     sparse.set_defaults(handler=sparse_train_command)
+
+    push = commands.add_parser("push", help="upload a run's adapter with its model card to the Hub", description=push_command.__doc__)
+    push.add_argument("run_dir", help="output folder of `fish-peft train` (or a folder `save_pretrained` wrote)")
+    push.add_argument("repo_id", help="Hub repository, e.g. alice/minilm-sst2-fish (created if missing)")
+    push.add_argument("--private", action="store_true", default=None, help="create the repository private")
+    push.add_argument("--revision", help="branch to push to (created from main if missing)")
+    push.add_argument("--commit-message")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--base-model", help="Hub id of the base model, when the run names a local folder")
+    push.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
+    push.add_argument("--tag", action="append", dest="tags", default=[], help="extra card tag (repeatable)")
+    push.set_defaults(handler=push_command)
     return parser
 
 
@@ -129,6 +146,24 @@ def compare_command(args, overrides) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(recipe.methods)
     recipe = dataclasses.replace(recipe, methods=methods)
     print(compare(recipe, overwrite=args.overwrite))
+    return 0
+
+
+def push_command(args, overrides) -> int:
+    """Upload a run's adapter (the sparse diff and the head), recipe, results and mask plot to a Hub repository
+    with a model card written for it. The token comes from `hf auth login` or HF_TOKEN."""
+    from .hub import push_adapter
+
+    if overrides:
+        raise ValueError(f"push takes no recipe keys, got {', '.join('--' + k for k in overrides)}.")
+    card = {"license": args.license}
+    if args.base_model:
+        card["base_model"] = args.base_model
+    commit = push_adapter(
+        args.run_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+        create_pr=args.create_pr, tags=args.tags, **card,
+    )
+    print(json.dumps({"repo_id": args.repo_id, "revision": args.revision or "main", "commit_url": commit.commit_url}, indent=2))
     return 0
 
 

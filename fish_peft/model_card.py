@@ -9,12 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from .recipe import METHODS
 
 # fish_peft/model_cards is a link to the top-level model_cards/, so the wheel ships the template (package data).
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "fish_adapter.md.j2"
 
-MASK_METHODS = ("fish", "random")  # the methods whose card shows the mask (statistics, per-parameter table, plot)
+MASK_METHODS = ("fish", "random", "magnitude")  # the methods whose card shows the mask (rule, statistics, table, plot)
+SPARSE_METHODS = MASK_METHODS + ("bitfit",)  # stored as fish-peft sparse diffs
+CARD_METHODS = METHODS + ("magnitude",)
 
 REQUIRED_KEYS = (
     "base_model",
@@ -33,35 +37,52 @@ REQUIRED_KEYS = (
     "repo_id",
     "num_labels",
 )
+OPTIONAL_DEFAULTS = {
+    "mask_rule": None,
+    "mask_update": None,
+    "adapters": [],
+    "pipeline_tag": "text-classification",
+    "auto_class": "AutoModelForSequenceClassification",
+    "extra_tags": [],
+    "adapter_settings": None,
+}
 
 
 def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | None = None) -> str:
     """The model card's Markdown (YAML front matter first), rendered from a Jinja2 template.
 
-    `template` is the path of a Jinja2 template file; by default `model_cards/fish_adapter.md.j2`. Rendering is strict: a key the template uses but `context` lacks raises `jinja2.UndefinedError`
-    (for the default template every key below is checked up front, also those a section for another method skips).
+    `template` is the path of a Jinja2 template file; by default `model_cards/fish_adapter.md.j2`. Rendering is
+    strict: a key the template uses but `context` lacks raises `jinja2.UndefinedError` (for the default template
+    every required key below is checked up front, also those a section for another method skips).
 
-    Context keys (all required; pass None / empty where the text says so):
+    Required context keys (pass None / empty where the text says so):
 
     - `base_model` (str): Hub id or path of the base model, e.g. "bert-large-cased-whole-word-masking".
-    - `task` (str): the task / dataset configuration, e.g. "sst2".
-    - `dataset` (str): Hub id of the dataset, e.g. "nyu-mll/glue".
-    - `method` (str): "fish", "random", "lora", "full" or "bitfit". The mask sections appear for "fish" and
-      "random" only; "full" is described as a full fine-tune, loaded without PEFT.
+    - `task` (str or None): the task / dataset configuration, e.g. "sst2".
+    - `dataset` (str or None): Hub id of the dataset, e.g. "nyu-mll/glue".
+    - `method` (str): "fish", "random", "magnitude", "lora", "full" or "bitfit". The mask sections appear for the
+      masks ("fish", "random", "magnitude"); "full" is described as a full fine-tune, loaded without PEFT.
     - `keep_ratio` (float or None): the mask's share of all parameters (head included), e.g. 0.005.
-    - `num_labels` (int): number of classes of the head (1 for regression), used in the loading snippet.
+    - `num_labels` (int or None): classes of the head (1 for regression), used in the loading snippet.
     - `trainable_parameters` (int): parameters trained (sparse-diff values plus the head, or LoRA weights, ...).
-    - `total_parameters` (int): parameters of the base model with its head.
+    - `total_parameters` (int or None): parameters of the base model with its head.
     - `adapter_bytes` (int or None): size of the saved adapter files.
     - `metrics` (dict[str, float]): best validation results, e.g. {"accuracy": 0.93}; a leading "eval_" is dropped
       in the card. May be empty (no results section, no model-index).
     - `mask_table` (list of dicts): `FishMask.report()` rows (parameter, shape, selected, size, density), or [].
       The card lists the 15 rows with most entries selected and says how many more there are.
     - `plot_file` (str or None): file name of the `plot_mask` PNG, relative to the card.
-    - `recipe_yaml` (str): the training recipe as YAML (e.g. `Recipe.to_yaml()`).
+    - `recipe_yaml` (str or None): the training recipe as YAML (e.g. `Recipe.to_yaml()`); None shows
+      `adapter_settings` instead.
     - `license` (str): the card's license, e.g. "apache-2.0".
     - `repo_id` (str or None): where the adapter will live on the Hub, used in the loading snippet;
       None gives "path/to/adapter".
+
+    The metadata names `base_model` and `dataset` only when they are Hub ids (not local paths). Optional keys (defaults in
+    `OPTIONAL_DEFAULTS`): `mask_rule` (one line naming how the mask was chosen, `describe_mask_rule`),
+    `mask_update` ({"rule", "update_every", "prune_rate"} when the support evolved), `adapters` (one dict per
+    adapter in the repository: name, folder, selected, mask_rule), `pipeline_tag`, `auto_class`, `extra_tags`,
+    `adapter_settings` (what the card shows when there is no recipe).
     """
     import jinja2
 
@@ -71,8 +92,8 @@ def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | 
         if missing:
             raise jinja2.UndefinedError(f"render_model_card: the context lacks {', '.join(missing)}.")
     method = context.get("method")
-    if method is not None and method not in METHODS:
-        raise ValueError(f"render_model_card: method must be one of {METHODS}, got {method!r}.")
+    if method is not None and method not in CARD_METHODS:
+        raise ValueError(f"render_model_card: method must be one of {CARD_METHODS}, got {method!r}.")
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(path.parent)),
@@ -90,8 +111,47 @@ def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | 
         metric_name=_metric_name,
         metric_value=_metric_value,
     )
-    env.globals.update(mask_methods=MASK_METHODS)
-    return env.get_template(path.name).render(**context)
+    env.globals.update(mask_methods=MASK_METHODS, sparse_methods=SPARSE_METHODS)
+    hub_ids = {f"{key}_id": context.get(key) if is_hub_id(context.get(key)) else None for key in ("base_model", "dataset")}
+    return env.get_template(path.name).render(**{**OPTIONAL_DEFAULTS, **context, **hub_ids})
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` can be a Hub repository id (and is not a local folder)."""
+    if not name or os.path.isabs(name) or name.startswith(".") or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def describe_mask_rule(info: Mapping[str, Any]) -> str | None:
+    """One line naming how a mask was chosen, from `FishMask.info` (kept in `FishConfig.mask_info`)."""
+    method = info.get("method")
+    whole_model = info.get("selection", "global") == "global"
+    keep = info.get("keep_ratio")
+    budget = f", keeping {_percent(keep)} of all parameters with the head counted in the budget" if keep is not None else ""
+    if method in ("fisher", "scores"):
+        if method == "fisher":
+            label = "at the gold label" if info.get("fisher", "empirical") == "empirical" else "under the model's own predictions"
+            samples = f" over {int(info['num_samples']):,} training examples" if info.get("num_samples") else ""
+            what = f"largest Fisher information (squared per-example gradients of the loss {label}, summed{samples})"
+        else:
+            what = "largest precomputed scores"
+        scope = "one top-k over all parameters" if whole_model else "the same share of each parameter tensor"
+        return f"{what}, {scope}{budget}"
+    if method == "random":
+        seed = f" (seed {info['seed']})" if info.get("seed") is not None else ""
+        scope = "from the whole model" if whole_model else "the same share of each parameter tensor"
+        return f"drawn uniformly at random{seed}, {scope}{budget}"
+    if method == "magnitude":
+        scope = "one top-k over all parameters" if whole_model else "the same share of each parameter tensor"
+        return f"largest magnitude |w| in the base model, {scope}{budget}"
+    if method == "bitfit":
+        return "every bias entry (BitFit)"
+    return None
 
 
 def _yaml_str(value: Any) -> str:

@@ -42,11 +42,11 @@ from .glue_data import load_raw_splits, prepare_splits, tokenize_splits
 from .mask_plot import plot_mask
 from .masks import FishMask
 from .merged_training import own_share, train_merged
-from .model_card import render_model_card
+from .card_facts import write_model_card
 from .recipe import Recipe, load_recipe
 from .selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
 from .sparse import SparseTrainingCallback, evolving_diff_engine
-from .tasks import GLUE_TASKS, Task, compute_metrics, custom_task, get_task
+from .tasks import Task, compute_metrics, custom_task, get_task
 
 RUN_MARKERS = ("results.json", "adapter_config.json", "recipe.yaml")
 PACKAGED_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
@@ -142,6 +142,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         results["adapter_bytes"] = save_run(out, recipe, setup.task, model, mask, results)
         results["wall_seconds"] = time.perf_counter() - started
         write_json(out / "results.json", results)
+        write_model_card(out)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return results
 
@@ -370,8 +371,8 @@ def peak_memory_bytes() -> int:
 
 
 def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMask], results: dict) -> int:
-    """Write the adapter (or model), recipe, plot and model card into `out`, each file atomically; returns the
-    size of the saved weights."""
+    """Write the adapter (or model), recipe and plot into `out`, each file atomically; returns the size of the
+    saved weights. The model card comes last, from these files and `results.json` (`write_model_card`)."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as staging:
         model.save_pretrained(staging)
@@ -382,39 +383,10 @@ def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMa
                 os.replace(os.path.join(staging, name), out / name)
     with atomic_path(str(out / "recipe.yaml")) as tmp:
         Path(tmp).write_text(recipe.to_yaml())
-    plot_file = None
     if mask is not None:
         shapes = {name: tuple(p.shape) for name, p in base_named_parameters(model)}
         plot_mask(mask, str(out / "mask.png"), title=f"{recipe.method} mask, {task.name}", shapes=shapes)
-        plot_file = "mask.png"
-    card = render_model_card({
-        "base_model": recipe.model,
-        "task": task.name,
-        "dataset": dataset_name(recipe),
-        "method": recipe.method,
-        "keep_ratio": recipe.keep_ratio if recipe.method in ("fish", "random") else None,
-        "trainable_parameters": results["trainable_parameters"],
-        "total_parameters": results["total_parameters"],
-        "adapter_bytes": weight_bytes,
-        "metrics": {k: v for k, v in next(iter(results["metrics"].values())).items() if k != "loss"},
-        "mask_table": mask.report() if mask is not None else [],
-        "plot_file": plot_file,
-        "recipe_yaml": recipe.to_yaml(),
-        "license": "apache-2.0",
-        "repo_id": None,
-        "num_labels": task.num_labels,
-    })
-    with atomic_path(str(out / "README.md")) as tmp:
-        Path(tmp).write_text(card)
     return weight_bytes
-
-
-def dataset_name(recipe: Recipe) -> str:
-    if recipe.task in GLUE_TASKS and not recipe.train_file:
-        return "nyu-mll/glue"
-    if recipe.task == "rotten_tomatoes":
-        return "rotten_tomatoes (vaderSentiment 3.3.2 sentences)"
-    return recipe.train_file or recipe.task
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,0 +1,192 @@
+"""Share FISH adapters on the Hugging Face Hub with the model card fish-peft writes.
+
+`push_adapter` uploads a saved folder (what `fish-peft train` or `save_pretrained` wrote) or a `PeftModel`: the
+adapter files (the sparse diff and the head only), the run's recipe, results and mask plot, and a card rendered from
+them. `PeftModel.push_to_hub` comes here for models with FISH adapters: transformers' own version replaces README.md
+with a generic card after saving, and PEFT has no hook to prevent it, so `install_push_to_hub` wraps that one method
+(every other PEFT method keeps PEFT's behaviour).
+
+Nothing is uploaded before the repository id, the token and every adapter file have been checked; the folder being
+pushed is never written to. The token is only ever handed to `huggingface_hub`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from huggingface_hub import CommitInfo, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .card_facts import ADAPTER_CONFIG, CARD, card_context, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
+from .config import FishConfig
+from .model_card import is_hub_id
+
+DEFAULT_COMMIT_MESSAGE = "Upload FISH sparse-diff adapter (fish-peft)"
+LOGIN_HELP = (
+    "log in with `hf auth login` (or `huggingface_hub.login()` in Python) using a token with write access from "
+    "https://huggingface.co/settings/tokens, or set the HF_TOKEN environment variable"
+)
+
+
+class HubError(RuntimeError):
+    """Pushing to the Hub could not be done; the message says why and what to do."""
+
+
+def push_adapter(
+    source: Union[str, os.PathLike, Any],
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    create_pr: bool = False,
+    token: Union[str, bool, None] = None,
+    tags: Optional[list[str]] = None,
+    **card: Any,
+) -> CommitInfo:
+    """Upload a FISH adapter with its model card to the Hub repository `repo_id` (created if missing).
+
+    `source` is a folder written by `fish-peft train` or `save_pretrained` (every adapter in it, sub-folders
+    included), or a `PeftModel` with FISH adapters. `private`, `revision` (a branch, created from main if
+    missing), `commit_message`, `commit_description` and `create_pr` mean what they mean in `huggingface_hub`.
+    `token` defaults to the stored Hub login or HF_TOKEN. `tags` are added to the card's; the other keywords
+    (`base_model`, `dataset`, `task`, `metrics`, `license`) fill in or override what the card would say from the
+    folder's files. Pushing again updates the same repository. Returns the commit's `CommitInfo`.
+    """
+    check_repo_id(repo_id)
+    token = resolve_token(token)
+    with tempfile.TemporaryDirectory(prefix="fish-peft-push-") as staging:
+        staging = Path(staging)
+        if isinstance(source, (str, os.PathLike)):
+            _stage_folder(Path(source), staging)
+        else:
+            _stage_model(source, staging)
+        _check_adapters(staging)
+        write_model_card(staging, repo_id=repo_id, tags=tuple(tags or ()), **card)
+        _point_configs_at(staging, card_context(staging, **card)["base_model"])
+        return _upload(staging, repo_id, token, private, revision, commit_message, commit_description, create_pr)
+
+
+def check_repo_id(repo_id: Any) -> None:
+    """A clear error for a repository id the Hub would refuse, before any work is done."""
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id: use 'name' or 'namespace/name', e.g. 'alice/minilm-sst2-fish'.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repository id ({err}). Use 'namespace/name' made of letters, digits, "
+            "'-', '_' and '.', at most 96 characters, e.g. 'alice/minilm-sst2-fish'."
+        ) from None
+
+
+def resolve_token(token: Union[str, bool, None]) -> str:
+    """The token to push with: the one given, else the stored login or HF_TOKEN; a clear error when there is none."""
+    if token is False:
+        raise HubError(f"push needs a token with write access (token=False was given); {LOGIN_HELP}.")
+    found = token if isinstance(token, str) and token else get_token()
+    if not found:
+        raise HubError(f"No Hugging Face token found, so nothing can be pushed: {LOGIN_HELP}.")
+    return found
+
+
+def install_push_to_hub() -> None:
+    """Route `PeftModel.push_to_hub` of models with FISH adapters to `push_adapter` (once per interpreter)."""
+    from peft import PeftModel
+
+    original = PeftModel.push_to_hub
+    if getattr(original, "_fish_peft", False):
+        return
+
+    @functools.wraps(original)
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        if not any(isinstance(config, FishConfig) for config in getattr(self, "peft_config", {}).values()):
+            return original(self, repo_id, **kwargs)
+        kwargs.pop("max_shard_size", None)  # a sparse diff is never sharded
+        return push_adapter(self, repo_id, **kwargs)
+
+    push_to_hub._fish_peft = True
+    PeftModel.push_to_hub = push_to_hub
+
+
+def _stage_folder(folder: Path, staging: Path) -> None:
+    """Copy what is worth publishing from `folder`: its files (not the card, which is written anew, nor hidden
+    temporaries) and the adapters in its sub-folders (not checkpoints)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the output folder of `fish-peft train` or `save_pretrained`.")
+    for path in folder.iterdir():
+        if path.is_file() and path.name != CARD and not path.name.startswith("."):
+            shutil.copy2(path, staging / path.name)
+    for name, sub in find_adapters(folder):
+        if sub:
+            (staging / sub).mkdir()
+            for path in (folder / sub).iterdir():
+                if path.is_file() and path.name != CARD and not path.name.startswith("."):
+                    shutil.copy2(path, staging / sub / path.name)
+
+
+def _stage_model(model: Any, staging: Path) -> None:
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not any(isinstance(c, FishConfig) for c in configs.values()):
+        raise TypeError(
+            f"push_adapter expects a PeftModel with FISH adapters or a saved folder, got {type(model).__name__}."
+        )
+    model.save_pretrained(str(staging))
+
+
+def _check_adapters(staging: Path) -> None:
+    """Decode every FISH adapter before uploading: a damaged file stops the push here."""
+    for _, sub in find_adapters(staging):
+        if isinstance(read_adapter_config(staging / sub), FishConfig):
+            read_adapter_mask(staging / sub)
+
+
+def _point_configs_at(staging: Path, base_model: str) -> None:
+    """Name the base model by its Hub id in uploaded configs that name a local folder, so that
+    `AutoPeftModel.from_pretrained(repo_id)` can find it."""
+    if not is_hub_id(base_model):
+        return
+    for _, sub in find_adapters(staging):
+        path = staging / sub / ADAPTER_CONFIG
+        config = json.loads(path.read_text())
+        if not is_hub_id(config.get("base_model_name_or_path")):
+            config["base_model_name_or_path"] = base_model
+            path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _upload(staging, repo_id, token, private, revision, commit_message, commit_description, create_pr) -> CommitInfo:
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(staging),
+            revision=revision,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            commit_description=commit_description,
+            create_pr=create_pr,
+        )
+    except Exception as err:
+        raise HubError(_failure_message(err, repo_id, token)) from None
+
+
+def _failure_message(err: Exception, repo_id: str, token: str) -> str:
+    status = getattr(getattr(err, "response", None), "status_code", None) if isinstance(err, HfHubHTTPError) else None
+    detail = str(err).replace(token, "***")
+    if status == 401:
+        advice = f"the Hub refused the token; {LOGIN_HELP}"
+    elif status == 403:
+        advice = f"the token may not write to {repo_id}: use a token with write access to that namespace"
+    else:
+        advice = "nothing on this machine was changed; run the same push again"
+    return f"Pushing to {repo_id} failed ({type(err).__name__}: {detail}): {advice}."
