@@ -109,6 +109,8 @@ def card_context(
     results = _read_json(folder / "results.json")
     adapters = find_adapters(folder)
     full_model = not adapters and (folder / "config.json").is_file() and recipe.get("method") == "full"
+    if (folder / "comparison.json").is_file():
+        raise ValueError(f"{folder} holds a comparison of several runs: push one method's folder, e.g. {folder / 'fish'}.")
     if not adapters and not full_model:
         raise FileNotFoundError(
             f"{folder} holds no {ADAPTER_CONFIG}: pass the folder that `save_pretrained` or `fish-peft train` wrote."
@@ -122,7 +124,7 @@ def card_context(
         )
     mask_info = config.mask_info if fish else {}
     method = recipe.get("method") or MASK_METHOD_TO_CARD.get(mask_info.get("method"), "fish")
-    head = _head_tensors(folder) if adapters else {}
+    head = _head_tensors(folder / adapters[0][1]) if adapters else {}
     k = sum(config.sparse_parameters.values()) if fish else 0
     base = base_model or recipe.get("model") or _base_model_of(folder, config)
     task_type = getattr(config, "task_type", None) or "SEQ_CLS"
@@ -138,7 +140,7 @@ def card_context(
         "num_labels": _num_labels(folder, head),
         "trainable_parameters": results.get("trainable_parameters", k + sum(math.prod(s) for s in head.values())),
         "total_parameters": results.get("total_parameters", mask_info.get("num_total_parameters")),
-        "adapter_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")) or None,
+        "adapter_bytes": sum(p.stat().st_size for p in (folder / (adapters[0][1] if adapters else "")).glob("*.safetensors")) or None,
         "metrics": metrics if metrics is not None else {k: v for k, v in split_metrics.items() if k not in ("loss", "epoch")},
         "mask_table": _mask_table(config) if fish else [],
         "plot_file": MASK_PLOT if (folder / MASK_PLOT).is_file() else None,
@@ -148,6 +150,7 @@ def card_context(
         "mask_rule": describe_mask_rule(mask_info),
         "mask_update": _mask_update(config) if fish else None,
         "adapters": [_adapter_row(folder, name, sub) for name, sub in adapters] if len(adapters) > 1 else [],
+        "main_adapter": adapters[0] if adapters and adapters[0][1] else None,
         "pipeline_tag": pipeline_tag,
         "auto_class": "AutoModelForSequenceClassification" if full_model else auto_class,
         "extra_tags": list(tags),
@@ -156,16 +159,16 @@ def card_context(
 
 
 def write_model_card(folder: str | os.PathLike, **given) -> Path:
-    """Write `README.md` into `folder` from its files (see `card_context`), drawing the mask plot first when the
-    folder has a FISH adapter but no plot. Each file is replaced atomically; returns the card's path."""
+    """Write `README.md` into `folder` from its files (see `card_context`), drawing the plot of the first adapter's
+    mask first when the folder has none. Each file is replaced atomically; returns the card's path."""
     folder = Path(folder)
     adapters = find_adapters(folder)
-    if adapters and adapters[0][1] == "" and not (folder / MASK_PLOT).is_file():
-        config = read_adapter_config(folder)
-        if isinstance(config, FishConfig):
+    if adapters and not (folder / MASK_PLOT).is_file():
+        main = folder / adapters[0][1]
+        if isinstance(read_adapter_config(main), FishConfig):
             from .mask_plot import plot_mask
 
-            plot_mask(read_adapter_mask(folder), str(folder / MASK_PLOT))
+            plot_mask(read_adapter_mask(main), str(folder / MASK_PLOT))
     card = render_model_card(card_context(folder, **given))
     with atomic_path(str(folder / CARD)) as tmp:
         Path(tmp).write_text(card)

@@ -41,6 +41,7 @@ OPTIONAL_DEFAULTS = {
     "mask_rule": None,
     "mask_update": None,
     "adapters": [],
+    "main_adapter": None,
     "pipeline_tag": "text-classification",
     "auto_class": "AutoModelForSequenceClassification",
     "extra_tags": [],
@@ -81,7 +82,8 @@ def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | 
     The metadata names `base_model` and `dataset` only when they are Hub ids (not local paths). Optional keys (defaults in
     `OPTIONAL_DEFAULTS`): `mask_rule` (one line naming how the mask was chosen, `describe_mask_rule`),
     `mask_update` ({"rule", "update_every", "prune_rate"} when the support evolved), `adapters` (one dict per
-    adapter in the repository: name, folder, selected, mask_rule), `pipeline_tag`, `auto_class`, `extra_tags`,
+    adapter in the repository: name, folder, selected, mask_rule), `main_adapter` ((name, sub-folder) of the adapter
+    the card describes when none lies at the top level), `pipeline_tag`, `auto_class`, `extra_tags`,
     `adapter_settings` (what the card shows when there is no recipe).
     """
     import jinja2

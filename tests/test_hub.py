@@ -119,6 +119,31 @@ def test_several_adapters_a_branch_and_a_private_repo(hub):
     assert 'model.load_adapter("alice/two", adapter_name="other", subfolder="other")' in body
 
 
+def test_named_adapters_without_a_default_load_as_the_card_says(hub, tmp_path):
+    base = tiny_bert()
+    model = get_peft_model(copy.deepcopy(base), FishConfig(mask=random_mask(base, 0.1, seed=1)), adapter_name="sst2")
+    model.add_adapter("mnli", FishConfig(mask=random_mask(base, 0.05, seed=2)))
+    randomise(model, seed=4)
+    model.eval()
+    model.push_to_hub("alice/named")
+    _, body = front_matter(hub.files("alice/named")["README.md"].decode())
+    # no adapter at the top level: the card describes the first sub-folder's and loads the others next to it
+    assert 'PeftModel.from_pretrained(base, "alice/named", subfolder="mnli", adapter_name="mnli")' in body
+    assert 'model.load_adapter("alice/named", adapter_name="sst2", subfolder="sst2")' in body and "(mask.png)" in body
+    again = PeftModel.from_pretrained(copy.deepcopy(base), "alice/named", subfolder="mnli", adapter_name="mnli").eval()
+    again.load_adapter("alice/named", adapter_name="sst2", subfolder="sst2")
+    again.set_adapter("sst2")
+    assert torch.equal(again(**inputs()).logits, model(**inputs()).logits)
+
+
+def test_a_comparison_folder_is_refused(hub, tmp_path):
+    fish_model(tiny_bert()).save_pretrained(tmp_path / "demo" / "fish")
+    (tmp_path / "demo" / "comparison.json").write_text("{}")
+    with pytest.raises(ValueError, match="push one method's folder"):
+        push_adapter(tmp_path / "demo", "alice/demo")
+    assert hub.requests == []
+
+
 def test_pushing_again_updates_the_same_repo(hub):
     base = tiny_bert()
     model = fish_model(base, seed=0)
