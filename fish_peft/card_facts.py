@@ -19,14 +19,11 @@ from safetensors import safe_open
 
 from .atomic import atomic_path
 from .config import FishConfig
-from .masks import FishMask
 from .model_card import describe_mask_rule, render_model_card
-from .packing import PACKED_KEYS, PackingError, unpack
+from .packing import PACKED_KEYS
 from .tasks import GLUE_TASKS
-from .validation import AdapterFileError
+from .validation import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, read_adapter_config, read_adapter_mask
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MASK_PLOT = "mask.png"
 CARD = "README.md"
 
@@ -58,37 +55,6 @@ def find_adapters(folder: Path) -> list[tuple[str, str]]:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG).is_file()):
         found.append((sub.name, sub.name))
     return found
-
-
-def read_adapter_config(folder: Path):
-    """The PEFT config saved in `folder` (a `FishConfig` for FISH adapters)."""
-    from peft import PeftConfig
-
-    try:
-        return PeftConfig.from_pretrained(str(folder))
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{folder / ADAPTER_CONFIG} cannot be read as a PEFT config: {err}") from None
-
-
-def read_adapter_mask(folder: str | os.PathLike) -> FishMask:
-    """The entries a saved FISH adapter changes, decoded (and checked) from its `adapter_model.safetensors`."""
-    folder = Path(folder)
-    config = read_adapter_config(folder)
-    if not isinstance(config, FishConfig):
-        raise AdapterFileError(f"{folder} holds a {config.peft_type} adapter, not a FISH sparse diff.")
-    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as file:
-        packed = {key: file.get_tensor(key) for key in PACKED_KEYS if key in file.keys()}
-    numels = {name: math.prod(shape) for name, shape in config.parameter_shapes.items()}
-    try:
-        entries = unpack(packed, config.sparse_parameters, numels)
-    except PackingError as err:
-        raise AdapterFileError(f"{folder / ADAPTER_WEIGHTS}: {err}") from None
-    return FishMask(
-        {name: indices for name, (indices, _) in entries.items()},
-        config.parameter_shapes,
-        modules_to_save=config.modules_to_save or (),
-        info=config.mask_info,
-    )
 
 
 def card_context(

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune one method as a recipe says", description=train_command.__doc__, epilog=OVERRIDES_HELP)
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/glue/sst2.yaml")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     train.set_defaults(handler=train_command)
 
     mask = commands.add_parser("mask", help="compute and save a mask and its per-module report", description=mask_command.__doc__, epilog=OVERRIDES_HELP)
@@ -97,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_command(args, overrides) -> int:
     """Fine-tune with one method (fish, random, full, lora, bitfit) and write the adapter, results.json, the mask
-    plot and a model card into the recipe's output_dir."""
+    plot and a model card into the recipe's output_dir. Checkpoints (every epoch, and every save_steps steps) let
+    --resume continue a run that died, ending with the same adapter."""
     from .training import run
 
-    results = run(load_recipe(args.recipe, overrides), overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: choose one.")
+    results = run(load_recipe(args.recipe, overrides), overwrite=args.overwrite, resume=args.resume)
     print(json.dumps({"metrics": results["metrics"], "trainable_parameters": results["trainable_parameters"]}, indent=2))
     return 0
 

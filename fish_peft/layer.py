@@ -89,10 +89,13 @@ class FishLayer(_Wrapper, BaseTunerLayer):
         """Let adapter `adapter_name` also change these parameters, with zero-initialised values at `indices`."""
         base = self.get_base_layer()
         own = dict(base.named_parameters(recurse=False))
-        for param_name, idx in indices.items():
-            if param_name not in own:
-                raise ValueError(f"{type(base).__name__} has no parameter '{param_name}' of its own to adapt.")
-            weight = own[param_name]
+        unknown = [name for name in indices if name not in own]
+        if unknown:
+            raise ValueError(f"{type(base).__name__} has no parameter '{unknown[0]}' of its own to adapt.")
+        # The module's own parameter order, whatever order the mask lists them in: the optimizer's state is saved
+        # and resumed by position, and a mask read back from a file lists its parameters sorted by name.
+        for param_name in (name for name in own if name in indices):
+            idx, weight = indices[param_name], own[param_name]
             self.fish_values[adapter_name][param_name] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
             self.fish_indices[adapter_name][param_name] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
         self.set_adapter(self.active_adapters)

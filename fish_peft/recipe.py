@@ -56,6 +56,7 @@ class Recipe:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     save_dtype: Optional[str] = None  # float16 | bfloat16 for smaller FISH adapters
+    save_steps: Optional[int] = None  # also checkpoint every N optimizer steps (epoch ends always are), for --resume
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # what `fish-peft compare` runs
     lr_by_method: dict[str, float] = field(default_factory=dict)  # each method's own learning rate (beats `lr`)
     batch_size_by_method: dict[str, int] = field(default_factory=dict)  # each method's own batch size
@@ -74,6 +75,8 @@ class Recipe:
             if getattr(self, name) < 1:
                 raise ValueError(f"Recipe: {name} must be at least 1, got {getattr(self, name)}.")
         self._check_merging()
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"Recipe: save_steps must be at least 1 (or left out), got {self.save_steps}.")
         if self.lr <= 0 or self.epochs <= 0:
             raise ValueError(f"Recipe: lr and epochs must be positive, got lr={self.lr}, epochs={self.epochs}.")
         if any(v <= 0 for v in self.lr_by_method.values()) or any(v < 1 for v in self.batch_size_by_method.values()):

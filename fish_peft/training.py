@@ -43,10 +43,13 @@ from .mask_plot import plot_mask
 from .masks import FishMask
 from .merged_training import own_share, train_merged
 from .card_facts import write_model_card
+from .model_card import SPARSE_METHODS
 from .recipe import Recipe, load_recipe
+from .resume import CHECKPOINTS, StepCheckpoints, interrupted, remember_recipe, resume_point
 from .selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
 from .sparse import SparseTrainingCallback, evolving_diff_engine
 from .tasks import Task, compute_metrics, custom_task, get_task
+from .validation import read_adapter_mask
 
 RUN_MARKERS = ("results.json", "adapter_config.json", "recipe.yaml")
 PACKAGED_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
@@ -80,17 +83,26 @@ class Setup:
         return lambda prediction: compute_metrics(self.task, prediction.predictions, prediction.label_ids)
 
 
-def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate one method as the recipe says (at its `lr_by_method` / `batch_size_by_method` values);
-    returns what `results.json` holds."""
+    returns what `results.json` holds. `resume` continues an interrupted run in the output folder from its last
+    complete checkpoint (see `resume.py`)."""
     recipe = recipe.with_method_settings()
     out = Path(recipe.output_dir)
-    check_output_dir(out, overwrite)
+    checkpoint = resume_point(recipe, out) if resume else None
+    if not resume:
+        check_output_dir(out, overwrite)
     started = time.perf_counter()
     setup = Setup.from_recipe(recipe)
+    if not resume and rank_and_world()[0] == 0:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        remember_recipe(recipe, out)
     fisher_start = time.perf_counter()
-    mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
-    fisher_seconds = time.perf_counter() - fisher_start if recipe.method == "fish" else None
+    if checkpoint is not None and recipe.method in SPARSE_METHODS:
+        mask = read_adapter_mask(checkpoint)  # the mask the run trained, not a new one
+    else:
+        mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
+    fisher_seconds = time.perf_counter() - fisher_start if recipe.method == "fish" and checkpoint is None else None
     model = apply_method(recipe, setup.model, mask)
     initial_mask = mask
     engine = evolving_diff_engine(model) if recipe.mask_update else None
@@ -104,14 +116,16 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         eval_dataset=evaluation,
         data_collator=setup.collator,
         compute_metrics=setup.metric_fn(),
-        callbacks=[timer] + ([SparseTrainingCallback(engine)] if engine else []),
+        callbacks=[timer]
+        + ([SparseTrainingCallback(engine)] if engine else [])
+        + ([StepCheckpoints(recipe.save_steps)] if recipe.save_steps else []),
     )
     if recipe.merge_every:
         merged = train_merged(recipe, model, trainer, lambda: fisher_loader(recipe, setup.tokenized["train"], setup.collator))
         mask = merged_mask(model, mask)
     else:
         merged = None
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if engine is not None:
         mask = engine.current_mask()
     best = {split: _strip_prefix(trainer.evaluate(dataset, metric_key_prefix=split), split) for split, dataset in evaluation.items()}
@@ -143,7 +157,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         results["wall_seconds"] = time.perf_counter() - started
         write_json(out / "results.json", results)
         write_model_card(out)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     return results
 
 
@@ -187,8 +201,14 @@ def evaluate_run(run_dir: Path, overrides: dict[str, str]) -> dict[str, dict[str
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    if not overwrite and any((out / marker).exists() for marker in RUN_MARKERS):
+    if overwrite:
+        return
+    if any((out / marker).exists() for marker in RUN_MARKERS):
         raise FileExistsError(f"{out} already holds a run; pass --overwrite to replace it or choose another --output-dir.")
+    if interrupted(out):
+        raise FileExistsError(
+            f"{out} holds an interrupted run: --resume continues it from its last checkpoint, --overwrite starts again."
+        )
 
 
 def resolve_model(name: str) -> str:
@@ -296,7 +316,7 @@ def apply_method(recipe: Recipe, model, mask: Optional[FishMask]):
 def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArguments:
     first_split = task.validation_splits[0]
     return TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(out / CHECKPOINTS),
         learning_rate=recipe.lr,
         num_train_epochs=recipe.epochs,
         per_device_train_batch_size=recipe.batch_size,
@@ -307,8 +327,8 @@ def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArgumen
         data_seed=recipe.seed,
         eval_strategy="epoch",
         save_strategy="epoch",
-        save_total_limit=1,
-        save_only_model=True,
+        save_total_limit=1,  # the best checkpoint is kept too
+        save_only_model=False,  # optimizer, scheduler and RNG states, for --resume
         # an evolving mask's earlier checkpoints hold another support than the model now has: keep the final model
         load_best_model_at_end=recipe.mask_update is None,
         metric_for_best_model=f"{first_split}_{task.metrics[0]}",

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .config import FishConfig
+from .masks import FishMask
 from .packing import PACKED_KEYS, PackingError, unpack
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class AdapterFileError(ValueError):
@@ -45,3 +53,37 @@ def unpack_adapter_state_dict(
             )
         result[key] = tensor
     return result
+
+
+def read_adapter_config(folder: Path):
+    """The PEFT config saved in `folder` (a `FishConfig` for FISH adapters)."""
+    from peft import PeftConfig
+
+    try:
+        return PeftConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{folder / ADAPTER_CONFIG} cannot be read as a PEFT config: {err}") from None
+
+
+def read_adapter_mask(folder: str | os.PathLike) -> FishMask:
+    """The entries a saved FISH adapter changes, decoded (and checked) from its `adapter_model.safetensors`."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    if not isinstance(config, FishConfig):
+        raise AdapterFileError(f"{folder} holds a {config.peft_type} adapter, not a FISH sparse diff.")
+    try:
+        with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as file:
+            packed = {key: file.get_tensor(key) for key in PACKED_KEYS if key in file.keys()}
+    except Exception as err:  # safetensors' own error type for damaged files; missing files too
+        raise AdapterFileError(f"{folder / ADAPTER_WEIGHTS} cannot be read as safetensors: {err}") from None
+    numels = {name: math.prod(shape) for name, shape in config.parameter_shapes.items()}
+    try:
+        entries = unpack(packed, config.sparse_parameters, numels)
+    except PackingError as err:
+        raise AdapterFileError(f"{folder / ADAPTER_WEIGHTS}: {err}") from None
+    return FishMask(
+        {name: indices for name, (indices, _) in entries.items()},
+        config.parameter_shapes,
+        modules_to_save=config.modules_to_save or (),
+        info=config.mask_info,
+    )

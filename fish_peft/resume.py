@@ -1,0 +1,105 @@
+"""Continue a `fish-peft train` run that died (SIGKILL, preemption, Ctrl-C) from its last complete checkpoint.
+
+A run keeps Trainer checkpoints in `OUTPUT_DIR/checkpoints` (every epoch, and every `save_steps` optimizer steps):
+the adapter, optimizer, scheduler, RNG states and the Trainer's state, whose `trainer_state.json` is written last.
+A checkpoint without it, or whose adapter does not decode, was cut off mid-save and is passed over. The recipe the
+run started with is kept next to them; `--resume` refuses a recipe that differs from it, since the result would
+then match neither run. The mask is read back from the checkpoint's adapter rather than computed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from transformers import TrainerCallback
+
+from .atomic import atomic_path
+from .recipe import Recipe
+from .validation import AdapterFileError, read_adapter_config, read_adapter_mask
+
+CHECKPOINTS = "checkpoints"
+RUN_RECIPE = "run_recipe.yaml"
+COMPLETE_MARKER = "trainer_state.json"
+# Keys that may differ between the interrupted run and the resumed one without changing what is computed.
+FREE_KEYS = ("output_dir", "methods", "lr_by_method", "batch_size_by_method")
+
+
+class StepCheckpoints(TrainerCallback):
+    """Ask the Trainer for a checkpoint every `every` optimizer steps (epoch ends are checkpointed anyway)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            control.should_save = True
+
+
+def remember_recipe(recipe: Recipe, out: Path) -> None:
+    """Keep the recipe a run starts with, for `--resume` to compare against."""
+    with atomic_path(str(out / CHECKPOINTS / RUN_RECIPE)) as tmp:
+        Path(tmp).write_text(recipe.to_yaml())
+
+
+def interrupted(out: Path) -> bool:
+    return (out / CHECKPOINTS / RUN_RECIPE).is_file()
+
+
+def resume_point(recipe: Recipe, out: Path) -> Path:
+    """The checkpoint to continue from, after checking that resuming `recipe` in `out` is sound."""
+    if recipe.mask_update is not None or recipe.merge_every is not None:
+        raise ValueError(
+            "--resume continues runs with a fixed mask (or lora / full); runs with mask_update or merge_every "
+            "cannot be resumed yet: start them again with --overwrite."
+        )
+    saved_path = out / CHECKPOINTS / RUN_RECIPE
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"Nothing to resume in {out}: no interrupted run of `fish-peft train` is there.")
+    saved = yaml.safe_load(saved_path.read_text())
+    given = dataclasses.asdict(recipe)
+    changed = sorted(k for k in given if k not in FREE_KEYS and given[k] != saved.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {given[k]!r}" for k in changed)
+        raise ValueError(
+            f"--resume needs the recipe the run started with; these keys differ ({details}). Resume with the same "
+            "recipe and overrides, or start again with --overwrite."
+        )
+    checkpoint = last_complete_checkpoint(out / CHECKPOINTS)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"The interrupted run in {out} left no complete checkpoint (they are written at every epoch end and "
+            "every save_steps steps); start again with --overwrite."
+        )
+    return checkpoint
+
+
+def last_complete_checkpoint(folder: Path) -> Optional[Path]:
+    """The checkpoint with the most steps whose save finished and whose files load."""
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        if _complete(path):
+            return path
+    return None
+
+
+def _complete(path: Path) -> bool:
+    from .config import FishConfig
+
+    if not (path / COMPLETE_MARKER).is_file() or not (path / "optimizer.pt").is_file():
+        return False
+    if not (path / "adapter_config.json").is_file():
+        return (path / "model.safetensors").is_file()
+    try:
+        if isinstance(read_adapter_config(path), FishConfig):
+            read_adapter_mask(path)
+    except (AdapterFileError, OSError):
+        return False
+    return True
