@@ -60,9 +60,12 @@ def read_adapter_config(folder: Path):
     from peft import PeftConfig
 
     try:
-        return PeftConfig.from_pretrained(str(folder))
+        config = PeftConfig.from_pretrained(str(folder))
     except (ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
         raise AdapterFileError(f"{folder / ADAPTER_CONFIG} cannot be read as a PEFT config: {err}") from None
+    if config.peft_type is None:
+        raise AdapterFileError(f"{folder / ADAPTER_CONFIG} does not say which PEFT method it belongs to (peft_type).")
+    return config
 
 
 def read_adapter_mask(folder: str | os.PathLike) -> FishMask:
