@@ -1,0 +1,114 @@
+"""Resuming FISH training in the user's own loops: transformers' Trainer (`resume_from_checkpoint`) and an
+Accelerate loop (`save_state` / `load_state`) end with the adapter of an uninterrupted run."""
+
+import copy
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import Dataset
+from peft import get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import fish_peft  # noqa: F401  (registers FISH with PEFT)
+from fish_peft import FishConfig, compute_fisher_mask
+from tests.models import tiny_bert
+
+STEPS = 12
+
+
+def examples(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 100, (8,), generator=g), "labels": int(torch.randint(0, 3, (), generator=g))} for _ in range(n)]
+
+
+def fish_model(base):
+    """A FISH model whose mask is the Fisher mask of the same examples: recomputing it gives the same mask."""
+    batches = [{"input_ids": torch.stack([e["input_ids"] for e in examples()[:8]]),
+                "labels": torch.tensor([e["labels"] for e in examples()[:8]])}]
+    mask = compute_fisher_mask(base, batches, keep_ratio=0.05, num_samples=8)
+    return get_peft_model(copy.deepcopy(base), FishConfig(mask=mask))
+
+
+def adapter_tensors(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".fish_" in k or "modules_to_save" in k}
+
+
+def assert_same(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` steps, as a crash right after that step's checkpoint would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def trainer(model, out, max_steps, callbacks=()):
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        save_strategy="steps", save_steps=4, logging_strategy="no", report_to=[], use_cpu=True, seed=0,
+        data_seed=0, warmup_steps=2, lr_scheduler_type="linear",
+    )
+    return Trainer(model=model, args=args, callbacks=list(callbacks), train_dataset=Dataset.from_list([{k: v.tolist() if torch.is_tensor(v) else v for k, v in e.items()} for e in examples()]))
+
+
+def test_trainer_resume_from_checkpoint_gives_the_uninterrupted_adapter(tmp_path):
+    base = tiny_bert()
+    whole = fish_model(base)
+    trainer(whole, tmp_path / "whole", STEPS).train()
+
+    first = fish_model(base)
+    trainer(first, tmp_path / "cut", STEPS, callbacks=[StopAt(8)]).train()
+    assert (tmp_path / "cut" / "checkpoint-8").is_dir() and not (tmp_path / "cut" / "checkpoint-12").exists()
+    resumed = fish_model(base)
+    trainer(resumed, tmp_path / "cut", STEPS).train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-8"))
+    assert_same(adapter_tensors(resumed), adapter_tensors(whole))
+
+
+def accelerate_run(base, state_dir, steps, save_at=None, load=False):
+    """Train with an Accelerate loop; save the state after `save_at` steps, or start from the saved state."""
+    set_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = fish_model(base)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=steps)
+    data = examples()
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                         collate_fn=lambda b: {"input_ids": torch.stack([e["input_ids"] for e in b]),
+                                                               "labels": torch.tensor([e["labels"] for e in b])})
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    done = 0
+    if load:
+        accelerator.load_state(str(state_dir))
+        done = save_at
+        loader = accelerator.skip_first_batches(loader, done)
+    model.train()
+    for batch in loader:
+        if done == steps:
+            break
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        done += 1
+        if save_at is not None and not load and done == save_at:
+            accelerator.save_state(str(state_dir))
+            return model
+    return model
+
+
+def test_accelerate_save_state_and_load_state_give_the_uninterrupted_adapter(tmp_path):
+    base = tiny_bert()
+    whole = accelerate_run(base, None, STEPS)
+    accelerate_run(base, tmp_path / "state", STEPS, save_at=5)
+    resumed = accelerate_run(base, tmp_path / "state", STEPS, save_at=5, load=True)
+    assert_same(adapter_tensors(resumed), adapter_tensors(whole))
