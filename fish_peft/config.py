@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import InitVar, dataclass, field
 from typing import Optional, Union
 
@@ -81,6 +82,7 @@ class FishConfig(PeftConfig):
             self.mask_info = dict(mask.info)
             if self.modules_to_save is None and mask.modules_to_save:
                 self.modules_to_save = list(mask.modules_to_save)
+        self._check_field_types()
         if not self.sparse_parameters:
             raise ValueError(
                 "FishConfig needs a mask: compute one with `compute_fisher_mask(model, dataloader, keep_ratio=...)` "
@@ -96,6 +98,44 @@ class FishConfig(PeftConfig):
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"FishConfig: save_dtype must be one of {sorted(SAVE_DTYPES)} or None, got {self.save_dtype!r}.")
         self._check_mask_update()
+
+    def _check_field_types(self) -> None:
+        """adapter_config.json comes from strangers too: refuse what is not what save_pretrained writes."""
+        counts, shapes = self.sparse_parameters, self.parameter_shapes
+        if not isinstance(counts, dict) or not all(isinstance(k, str) for k in counts):
+            raise ValueError(f"FishConfig: sparse_parameters must map parameter names to counts, got {type(counts).__name__}.")
+        if not isinstance(shapes, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+            for k, v in shapes.items()
+        ):
+            raise ValueError("FishConfig: parameter_shapes must map parameter names to lists of positive integers.")
+        if not isinstance(self.mask_info, dict):
+            raise ValueError(f"FishConfig: mask_info must be a mapping, got {type(self.mask_info).__name__}.")
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)
+        ):
+            raise ValueError("FishConfig: modules_to_save must be a list of module names.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loading, plus a check of the adapter file that goes with the config (decoded in full, see
+        `validation.check_adapter_tensors`) before PEFT touches any model."""
+        from huggingface_hub import hf_hub_download
+
+        from .validation import ADAPTER_WEIGHTS, check_adapter_file
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
+            weights = os.path.join(folder, ADAPTER_WEIGHTS)
+        elif os.path.isdir(folder):
+            return config  # no weights next to the config: PEFT reports the missing file itself
+        else:
+            download_kwargs, _, _ = cls._split_kwargs(kwargs)
+            weights = hf_hub_download(pretrained_model_name_or_path, ADAPTER_WEIGHTS, subfolder=subfolder, **download_kwargs)
+        check_adapter_file(weights, config)
+        config._adapter_file = weights  # FishModel checks the head against the model before injecting
+        return config
 
     def _check_mask_update(self) -> None:
         if self.mask_update not in MASK_UPDATES:

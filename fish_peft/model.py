@@ -11,7 +11,7 @@ from .distributed import check_same_everywhere, tensors_digest
 from .layer import FishLayer, FishTiedLayer
 from .packing import PACKED_KEYS, VALUES_KEY, pack
 from .selection import in_modules
-from .validation import AdapterFileError, unpack_adapter_state_dict
+from .validation import AdapterFileError, check_head_tensors, read_safetensors, unpack_adapter_state_dict
 
 
 class FishModel(BaseTuner):
@@ -33,8 +33,10 @@ class FishModel(BaseTuner):
         return key in peft_config.module_parameters()
 
     def _pre_injection_hook(self, model: nn.Module, config: FishConfig, adapter_name: str) -> None:
-        """Refuse a base model that does not match the adapter before any module is replaced."""
+        """Refuse a base model that does not match the adapter (or its file) before any module is replaced."""
         check_model_matches_config(model, config)
+        if getattr(config, "_adapter_file", None) is not None:
+            check_head_tensors(read_safetensors(config._adapter_file), model, config)
         if len(self.peft_config) == 1:  # remembered so that a failed load can hand the model back as it came
             self.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
 
@@ -99,7 +101,8 @@ class FishModel(BaseTuner):
         rest = {k: v for k, v in state_dict.items() if k not in PACKED_KEYS}
         rest = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
         try:
-            return unpack_adapter_state_dict({**rest, **packed}, set(model.state_dict()), config, adapter_name)
+            shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+            return unpack_adapter_state_dict({**rest, **packed}, shapes, config, adapter_name)
         except AdapterFileError:
             _discard_adapter(model, adapter_name)
             raise
