@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ from transformers import (
     set_seed,
 )
 
-from .atomic import atomic_path
+from .atomic import atomic_folder, atomic_path
 from .config import FishConfig
 from .demo_data import minilm_path, split_rotten_tomatoes
 from .distributed import rank_and_world
@@ -153,11 +152,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
         results["merging"] = merged["merging"]
     rank, results["processes"] = rank_and_world()
     if rank == 0:  # under `accelerate launch` the first process writes the output folder
-        results["adapter_bytes"] = save_run(out, recipe, setup.task, model, mask, results)
-        results["wall_seconds"] = time.perf_counter() - started
-        write_json(out / "results.json", results)
-        write_model_card(out)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        # All at once: until the new folder replaces it, the old one (with its checkpoints, for --resume) stays whole.
+        with atomic_folder(out) as staging:
+            results["adapter_bytes"] = save_run(staging, recipe, setup.task, model, mask)
+            results["wall_seconds"] = time.perf_counter() - started
+            write_json(staging / "results.json", results)
+            write_model_card(staging)
     return results
 
 
@@ -390,19 +390,13 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMask], results: dict) -> int:
-    """Write the adapter (or model), recipe and plot into `out`, each file atomically; returns the size of the
-    saved weights. The model card comes last, from these files and `results.json` (`write_model_card`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as staging:
-        model.save_pretrained(staging)
-        weights = [f for f in os.listdir(staging) if f.endswith(".safetensors")]
-        weight_bytes = sum(os.path.getsize(os.path.join(staging, f)) for f in weights)
-        for name in sorted(os.listdir(staging), key=lambda f: f.endswith(".safetensors")):
-            if name != "README.md":
-                os.replace(os.path.join(staging, name), out / name)
-    with atomic_path(str(out / "recipe.yaml")) as tmp:
-        Path(tmp).write_text(recipe.to_yaml())
+def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMask]) -> int:
+    """Write the adapter (or model), recipe and plot into the staging folder `out`; returns the size of the saved
+    weights. The model card comes last, from these files and `results.json` (`write_model_card`)."""
+    model.save_pretrained(str(out))
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's generic card; fish-peft writes its own
+    weight_bytes = sum(path.stat().st_size for path in out.glob("*.safetensors"))
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
     if mask is not None:
         shapes = {name: tuple(p.shape) for name, p in base_named_parameters(model)}
         plot_mask(mask, str(out / "mask.png"), title=f"{recipe.method} mask, {task.name}", shapes=shapes)
