@@ -12,7 +12,7 @@ from .layer import FishLayer
 from .masks import FishMask
 from .model import FishModel
 from .selection import bias_mask, compute_fisher_mask, magnitude_mask, mask_from_scores, random_mask
-from .validation import AdapterFileError
+from .validation import AdapterFileError, allow_nonfinite
 
 _register()
 
@@ -25,6 +25,7 @@ __all__ = [
     "FishMask",
     "FishModel",
     "HubError",
+    "allow_nonfinite",
     "bias_mask",
     "compute_fisher",
     "compute_fisher_mask",
