@@ -90,7 +90,7 @@ def card_context(
         )
     mask_info = config.mask_info if fish else {}
     method = recipe.get("method") or MASK_METHOD_TO_CARD.get(mask_info.get("method"), "fish")
-    head = _head_tensors(folder / adapters[0][1]) if adapters else {}
+    head = _head_tensors(folder / adapters[0][1], config.modules_to_save or ()) if adapters else {}
     k = sum(config.sparse_parameters.values()) if fish else 0
     base = base_model or recipe.get("model") or _base_model_of(folder, config)
     task_type = getattr(config, "task_type", None) or "SEQ_CLS"
@@ -149,13 +149,17 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _head_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of the fully trained tensors (the head) in the top-level adapter file."""
+def _head_tensors(folder: Path, heads) -> dict[str, tuple[int, ...]]:
+    """Shapes of the fully trained tensors of the `heads` modules (modules_to_save) in an adapter file."""
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         return {}
     with safe_open(str(path), framework="pt") as file:
-        return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys() if key not in PACKED_KEYS}
+        return {
+            key: tuple(file.get_slice(key).get_shape())
+            for key in file.keys()
+            if key not in PACKED_KEYS and any(f".{head}." in f".{key}" for head in heads)
+        }
 
 
 def _num_labels(folder: Path, head: dict[str, tuple[int, ...]]) -> Optional[int]:
