@@ -124,9 +124,9 @@ def card_context(
     }
 
 
-def write_model_card(folder: str | os.PathLike, **given) -> Path:
+def write_model_card(folder: str | os.PathLike, **given) -> dict[str, Any]:
     """Write `README.md` into `folder` from its files (see `card_context`), drawing the plot of the first adapter's
-    mask first when the folder has none. Each file is replaced atomically; returns the card's path."""
+    mask first when the folder has none. Each file is replaced atomically; returns the context the card shows."""
     folder = Path(folder)
     adapters = find_adapters(folder)
     if adapters and not (folder / MASK_PLOT).is_file():
@@ -135,10 +135,10 @@ def write_model_card(folder: str | os.PathLike, **given) -> Path:
             from .mask_plot import plot_mask
 
             plot_mask(read_adapter_mask(main), str(folder / MASK_PLOT))
-    card = render_model_card(card_context(folder, **given))
+    context = card_context(folder, **given)
     with atomic_path(str(folder / CARD)) as tmp:
-        Path(tmp).write_text(card)
-    return folder / CARD
+        Path(tmp).write_text(render_model_card(context))
+    return context
 
 
 def _read_yaml(path: Path) -> dict:

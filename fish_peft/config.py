@@ -133,8 +133,7 @@ class FishConfig(PeftConfig):
         else:
             download_kwargs, _, _ = cls._split_kwargs(kwargs)
             weights = hf_hub_download(pretrained_model_name_or_path, ADAPTER_WEIGHTS, subfolder=subfolder, **download_kwargs)
-        check_adapter_file(weights, config)
-        config._adapter_file = weights  # FishModel checks the head against the model before injecting
+        config._head_shapes = check_adapter_file(weights, config)  # FishModel checks them against the model
         return config
 
     def _check_mask_update(self) -> None:

@@ -24,7 +24,7 @@ from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .card_facts import ADAPTER_CONFIG, CARD, card_context, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
+from .card_facts import ADAPTER_CONFIG, CARD, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
 from .config import FishConfig
 from .model_card import is_hub_id
 
@@ -70,8 +70,8 @@ def push_adapter(
         else:
             _stage_model(source, staging)
         _check_adapters(staging)
-        write_model_card(staging, repo_id=repo_id, tags=tuple(tags or ()), **card)
-        _point_configs_at(staging, card_context(staging, **card)["base_model"])
+        context = write_model_card(staging, repo_id=repo_id, tags=tuple(tags or ()), **card)
+        _point_configs_at(staging, context["base_model"])
         return _upload(staging, repo_id, token, private, revision, commit_message, commit_description, create_pr)
 
 
@@ -122,15 +122,11 @@ def _stage_folder(folder: Path, staging: Path) -> None:
     temporaries) and the adapters in its sub-folders (not checkpoints)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the output folder of `fish-peft train` or `save_pretrained`.")
-    for path in folder.iterdir():
-        if path.is_file() and path.name != CARD and not path.name.startswith("."):
-            shutil.copy2(path, staging / path.name)
-    for name, sub in find_adapters(folder):
-        if sub:
-            (staging / sub).mkdir()
-            for path in (folder / sub).iterdir():
-                if path.is_file() and path.name != CARD and not path.name.startswith("."):
-                    shutil.copy2(path, staging / sub / path.name)
+    for sub in ["", *(sub for _, sub in find_adapters(folder) if sub)]:
+        (staging / sub).mkdir(exist_ok=True)
+        for path in (folder / sub).iterdir():
+            if path.is_file() and path.name != CARD and not path.name.startswith("."):
+                shutil.copy2(path, staging / sub / path.name)
 
 
 def _stage_model(model: Any, staging: Path) -> None:

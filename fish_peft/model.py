@@ -11,7 +11,7 @@ from .distributed import check_same_everywhere, tensors_digest
 from .layer import FishLayer, FishTiedLayer
 from .packing import PACKED_KEYS, VALUES_KEY, pack
 from .selection import in_modules
-from .validation import AdapterFileError, check_head_tensors, read_safetensors, unpack_adapter_state_dict
+from .validation import AdapterFileError, check_head_shapes, unpack_adapter_state_dict
 
 
 class FishModel(BaseTuner):
@@ -35,8 +35,8 @@ class FishModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: FishConfig, adapter_name: str) -> None:
         """Refuse a base model that does not match the adapter (or its file) before any module is replaced."""
         check_model_matches_config(model, config)
-        if getattr(config, "_adapter_file", None) is not None:
-            check_head_tensors(read_safetensors(config._adapter_file), model, config)
+        if getattr(config, "_head_shapes", None) is not None:
+            check_head_shapes(config._head_shapes, model, config)
         if len(self.peft_config) == 1:  # remembered so that a failed load can hand the model back as it came
             self.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
 

@@ -18,6 +18,7 @@ import yaml
 from transformers import TrainerCallback
 
 from .atomic import atomic_path
+from .config import FishConfig
 from .recipe import Recipe
 from .validation import AdapterFileError, read_adapter_config, read_adapter_mask
 
@@ -91,8 +92,6 @@ def last_complete_checkpoint(folder: Path) -> Optional[Path]:
 
 
 def _complete(path: Path) -> bool:
-    from .config import FishConfig
-
     if not (path / COMPLETE_MARKER).is_file() or not (path / "optimizer.pt").is_file():
         return False
     if not (path / "adapter_config.json").is_file():

@@ -63,12 +63,15 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: FishConfig) 
     return entries
 
 
-def check_adapter_file(path: str | os.PathLike, config: FishConfig) -> None:
-    """`check_adapter_tensors` on a safetensors file, any damage to the file itself reported as `AdapterFileError`."""
-    check_adapter_tensors(read_safetensors(path), config)
+def check_adapter_file(path: str | os.PathLike, config: FishConfig) -> dict[str, tuple[int, ...]]:
+    """`check_adapter_tensors` on a safetensors file, any damage to the file itself reported as `AdapterFileError`;
+    returns the shapes of its full tensors (the head), for `check_head_shapes`."""
+    tensors = read_safetensors(path)
+    check_adapter_tensors(tensors, config)
+    return {key: tuple(t.shape) for key, t in tensors.items() if key not in PACKED_KEYS}
 
 
-def check_head_tensors(tensors: dict[str, torch.Tensor], model, config: FishConfig) -> None:
+def check_head_shapes(given: dict[str, tuple[int, ...]], model, config: FishConfig) -> None:
     """The file's full tensors must be exactly the parameters of the model's `modules_to_save` (the head), with
     their shapes: PEFT itself fails with a bare KeyError on a missing one, after it has changed the model."""
     heads = tuple(config.modules_to_save or ())
@@ -77,7 +80,6 @@ def check_head_tensors(tensors: dict[str, torch.Tensor], model, config: FishConf
         if module_name and any(module_name == h or module_name.endswith(f".{h}") for h in heads):
             for param_name, param in module.named_parameters():
                 expected[f"base_model.model.{module_name}.{param_name}"] = tuple(param.shape)
-    given = {key: tuple(t.shape) for key, t in tensors.items() if key not in PACKED_KEYS}
     if given.keys() != expected.keys():
         missing, unknown = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
         raise AdapterFileError(
