@@ -59,12 +59,16 @@ class FishLayer(_Wrapper, BaseTunerLayer):
     dict, collects the dense gradient of every effective parameter (what evolving diffs regrow by).
     `gradient_traffic`, when set (an evolving diff in several processes), averages the values' gradients across
     processes in backward itself, counting the bytes there; DDP is told to leave those values alone.
+
+    The entry counts of an evolving adapter (`evolving_adapters`) change while it trains, so loading a state dict
+    whose values and indices hold another count resizes them in place: the same Parameter objects, which an
+    optimizer made earlier still trains (Accelerate's `load_state`, Trainer's `resume_from_checkpoint`).
     """
 
     adapter_layer_names = ("fish_values", "fish_explore_values")
     other_param_names = ("fish_indices", "fish_explore_indices")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: dict[str, torch.Tensor]):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: dict[str, torch.Tensor], evolving: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.fish_values = nn.ModuleDict()
@@ -77,10 +81,16 @@ class FishLayer(_Wrapper, BaseTunerLayer):
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, indices)
+        self.evolving_adapters: set[str] = set()
+        self.update_layer(adapter_name, indices, evolving)
 
-    def update_layer(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
-        """Add adapter `adapter_name` with zero-initialised values at `indices` ({param attribute: flat indices})."""
+    def update_layer(self, adapter_name: str, indices: dict[str, torch.Tensor], evolving: bool = False) -> None:
+        """Add adapter `adapter_name` with zero-initialised values at `indices` ({param attribute: flat indices});
+        `evolving` for an adapter whose support moves while it trains (`FishConfig.mask_update`)."""
+        if evolving:
+            self.evolving_adapters.add(adapter_name)
+        else:
+            self.evolving_adapters.discard(adapter_name)
         self.fish_values[adapter_name] = nn.ParameterDict()
         self.fish_indices[adapter_name] = BufferDict(persistent=True)
         self.add_parameters(adapter_name, indices)
@@ -117,6 +127,22 @@ class FishLayer(_Wrapper, BaseTunerLayer):
         self.fish_explore_values[adapter_name] = nn.ParameterDict(values)
         self.fish_explore_indices[adapter_name] = BufferDict(buffers, persistent=False)
         self.set_adapter(self.active_adapters)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Before the values and indices load (children load after their parent), give an evolving adapter's
+        entries the count the state dict holds."""
+        for adapter_name in self.evolving_adapters & set(self.fish_values.keys()):
+            for param_name, values in self.fish_values[adapter_name].items():
+                new_values = state_dict.get(f"{prefix}fish_values.{adapter_name}.{param_name}")
+                new_indices = state_dict.get(f"{prefix}fish_indices.{adapter_name}.{param_name}")
+                if new_values is None or new_indices is None or new_values.dim() != 1 or new_indices.shape != new_values.shape:
+                    continue
+                if new_values.numel() != values.numel():
+                    values.data = values.data.new_zeros(new_values.numel())
+                    values.grad = None
+                    old = self.fish_indices[adapter_name][param_name]
+                    self.fish_indices[adapter_name][param_name] = old.new_zeros(new_indices.numel())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapted_parameters(self, adapter_name: str) -> list[str]:
         return list(self.fish_values[adapter_name].keys()) if adapter_name in self.fish_values else []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 from .config import SAVE_DTYPES, FishConfig
 from .distributed import check_same_everywhere, tensors_digest
 from .layer import FishLayer, FishTiedLayer
-from .packing import PACKED_KEYS, VALUES_KEY, pack
+from .packing import PACKED_KEYS, VALUES_KEY, PackingError, pack, stored_counts
 from .selection import in_modules
 from .validation import AdapterFileError, check_head_shapes, unpack_adapter_state_dict
 
@@ -39,18 +41,21 @@ class FishModel(BaseTuner):
             check_head_shapes(config._head_shapes, model, config)
         if len(self.peft_config) == 1:  # remembered so that a failed load can hand the model back as it came
             self.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        if config.mask is None:  # injected to be loaded: placeholders until the file's entries arrive
+            self.__dict__.setdefault("awaiting_weights", set()).add(adapter_name)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         indices = _module_indices(peft_config, current_key)
+        evolving = peft_config.mask_update is not None
         if isinstance(target, FishLayer):
-            target.update_layer(adapter_name, indices)
+            target.update_layer(adapter_name, indices, evolving)
         elif isinstance(target, FishTiedLayer):
             raise ValueError(
                 f"'{current_key}' shares its weights with another adapted module; put the shared parameter in the "
                 "mask once, under the name model.named_parameters() gives it."
             )
         else:
-            new_module = FishLayer(target, adapter_name, indices)
+            new_module = FishLayer(target, adapter_name, indices, evolving)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -87,7 +92,10 @@ class FishModel(BaseTuner):
                 entries.setdefault(f"{module}.{attr}", [None, None])[1] = tensor
             else:
                 entries.setdefault(f"{module}.{attr}", [None, None])[0] = tensor
-        packed = pack({name.removeprefix("base_model.model."): tuple(pair) for name, pair in entries.items()})
+        entries = {name.removeprefix("base_model.model."): tuple(pair) for name, pair in entries.items()}
+        if config.mask_update is not None:  # an evolving diff's counts move; the config saved next says where they are
+            config.sparse_parameters.update({name: int(indices.numel()) for name, (indices, _) in entries.items()})
+        packed = pack(entries)
         if config.save_dtype is not None:
             dtype = SAVE_DTYPES[config.save_dtype]
             packed[VALUES_KEY] = packed[VALUES_KEY].to(dtype)
@@ -96,16 +104,47 @@ class FishModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Unpack and validate the whole adapter file before anything is copied into the model."""
+        """Unpack and validate the whole adapter file before anything is copied into the model. A file loaded into
+        an adapter the model already holds (Trainer's `resume_from_checkpoint`) must hold its mask, except that an
+        evolving adapter takes the file's counts (its support moved while it trained). A failed load takes a
+        just-injected adapter out again and leaves an existing one as it was."""
         packed = {k: state_dict[k] for k in PACKED_KEYS if k in state_dict}
         rest = {k: v for k, v in state_dict.items() if k not in PACKED_KEYS}
         rest = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
+        tuner = getattr(model, "base_model", model)
+        awaiting = getattr(tuner, "awaiting_weights", set())
         try:
+            counts = _counts_to_load(packed, config, adapter_name, loaded_before=adapter_name not in awaiting)
             shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-            return unpack_adapter_state_dict({**rest, **packed}, shapes, config, adapter_name)
+            decoding = copy.copy(config)
+            decoding.sparse_parameters = counts
+            result = unpack_adapter_state_dict({**rest, **packed}, shapes, decoding, adapter_name)
         except AdapterFileError:
-            _discard_adapter(model, adapter_name)
+            if adapter_name in awaiting:
+                _discard_adapter(model, adapter_name)
             raise
+        config.sparse_parameters = counts
+        awaiting.discard(adapter_name)
+        return result
+
+
+def _counts_to_load(packed: dict[str, torch.Tensor], config: FishConfig, adapter_name: str, loaded_before: bool) -> dict[str, int]:
+    """The per-parameter counts to decode the file with: its config's, or, for an evolving adapter already in the
+    model, those the file stores."""
+    try:
+        stored = stored_counts(packed, config.sparse_parameters)
+    except PackingError as err:
+        raise AdapterFileError(str(err)) from None
+    if stored is None or stored == config.sparse_parameters:
+        return dict(config.sparse_parameters)
+    if loaded_before and config.mask_update is None:
+        changed = [name for name in stored if stored[name] != config.sparse_parameters[name]]
+        raise AdapterFileError(
+            f"The adapter file holds another mask than adapter '{adapter_name}' in the model ({len(changed)} parameter(s) "
+            f"with other counts, e.g. {changed[0]}: {config.sparse_parameters[changed[0]]} -> {stored[changed[0]]}). Load "
+            "it under a new adapter name (load_adapter(path, adapter_name='other')) or onto a fresh base model."
+        )
+    return stored if loaded_before else dict(config.sparse_parameters)  # a new adapter: its own config decides
 
 
 def _split_fish_key(key: str, adapter_name: str):

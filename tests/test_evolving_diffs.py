@@ -298,3 +298,23 @@ def test_bad_input():
         SparseMomentumDiff(model, torch.optim.SGD(trainable(model), lr=0.1))
     with pytest.raises(SparseTrainingError, match="PeftModel"):
         evolving_diff_engine(tiny_bert())
+
+
+def test_an_evolving_adapter_takes_the_counts_of_the_file_it_loads(tmp_path):
+    """Trainer's resume_from_checkpoint loads a checkpoint into the adapter the script built from the initial mask:
+    a sparse-momentum diff's counts have moved since, so the entries are resized in place (the same Parameter
+    objects an optimizer may hold) and the config follows."""
+    trained = dynamic_model("sparse_momentum")
+    engine = evolving_diff_engine(trained, total_steps=10)
+    engine.bind(torch.optim.AdamW(trainable(trained), lr=1e-2))
+    train(trained, engine, engine.optimizer, steps=4)
+    trained.save_pretrained(tmp_path)
+    counts = trained.peft_config["default"].sparse_parameters
+    fresh = dynamic_model("sparse_momentum")
+    assert fresh.peft_config["default"].sparse_parameters != counts  # the support moved while it trained
+    before = {name: p for name, p in fresh.named_parameters() if p.requires_grad}
+    fresh.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    assert fresh.peft_config["default"].sparse_parameters == counts
+    assert {name: p for name, p in fresh.named_parameters() if p.requires_grad} == before  # same objects, resized
+    inputs = example_inputs("bert", seed=11)
+    assert torch.equal(fresh.eval()(**inputs).logits, trained.eval()(**inputs).logits)

@@ -44,8 +44,10 @@ def test_round_trip_is_bit_identical_and_holds_only_the_diff(tmp_path):
     k = sum(model.peft_config["default"].sparse_parameters.values())
     assert sorted(saved) == [
         "base_model.model.classifier.bias", "base_model.model.classifier.weight",
-        "fish_packed.index_gap_overflow", "fish_packed.index_gaps", "fish_packed.values",
+        "fish_packed.counts", "fish_packed.index_gap_overflow", "fish_packed.index_gaps", "fish_packed.values",
     ]
+    config = model.peft_config["default"]
+    assert saved["fish_packed.counts"].tolist() == [config.sparse_parameters[name] for name in sorted(config.sparse_parameters)]
     assert saved["fish_packed.values"].shape == saved["fish_packed.index_gaps"].shape == (k,)
 
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
@@ -166,3 +168,31 @@ def test_adapter_config_holds_counts_and_shapes_not_indices(tmp_path):
     assert config["peft_type"] == "FISH"
     assert config["sparse_parameters"] == model.peft_config["default"].sparse_parameters
     assert "mask" not in config and config["modules_to_save"] == ["classifier"]
+
+
+def test_a_file_with_another_mask_is_refused_by_an_adapter_already_in_the_model(tmp_path):
+    """Loading into an existing adapter decodes the file with that adapter's counts; the counts stored in the file
+    catch one whose per-parameter counts differ even when their total is the same."""
+    base = tiny_bert()
+    first = trained_adapter(base, seed=0)
+    mask = random_mask(base, 0.2, seed=0)
+    a, b = sorted(mask)[:2]
+    free = (~mask.to_dense(b).flatten()).nonzero().flatten()[:1]
+    indices = {**mask, a: mask[a][:-1], b: torch.cat([mask[b], free]).sort().values}  # same k, another split
+    moved = FishMask(indices, mask.shapes, modules_to_save=mask.modules_to_save)
+    assert moved.num_selected == mask.num_selected and moved.counts() != mask.counts()
+    get_peft_model(copy.deepcopy(base), FishConfig(mask=moved)).save_pretrained(tmp_path)
+    expected = first(**inputs()).logits
+    with pytest.raises(AdapterFileError, match="another mask than adapter 'default'.*new adapter name"):
+        first.load_adapter(tmp_path, adapter_name="default")
+    assert list(first.peft_config) == ["default"]
+    assert torch.equal(first(**inputs()).logits, expected)
+
+
+def test_files_written_before_counts_were_stored_still_load(tmp_path):
+    base = tiny_bert()
+    model = trained_adapter(base)
+    model.save_pretrained(tmp_path)
+    tamper(tmp_path, lambda t: t.pop("fish_packed.counts"))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(**inputs()).logits, model(**inputs()).logits)

@@ -1,6 +1,6 @@
 """Dynamic sparse training: Top-KAST and sparse momentum on whole networks and on FISH diffs (evolving masks)."""
 
-from .callback import SparseTrainingCallback
+from .callback import SparseTrainingCallback, load_engine_state
 from .checkpoint import SparseCheckpointError, load_sparse_model, save_sparse_model
 from .densities import layer_densities
 from .engine import MaskEngine, NetworkMaskEngine
@@ -28,6 +28,7 @@ __all__ = [
     "evolving_diff_engine",
     "find_sparse_weights",
     "layer_densities",
+    "load_engine_state",
     "load_sparse_model",
     "save_sparse_model",
 ]

@@ -18,7 +18,7 @@ import hashlib
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -140,6 +140,45 @@ class EvolvingDiff(MaskEngine):
     @abstractmethod
     def move_entries(self, rate: float) -> None:
         """The rule: replace about `rate` of the entries, keeping k."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What continuing the run needs besides the model, optimizer and schedule: the step and update counts, and
+        what the adapter file leaves out (Top-KAST's exploration entries). `SparseTrainingCallback` saves it in each
+        Trainer checkpoint; in an Accelerate loop, `accelerator.register_for_checkpointing(engine)`."""
+        return {
+            "rule": self.rule, "steps": self.steps, "updates": self.updates, "total_steps": self.total_steps,
+            "update_seconds": self.update_seconds, "adapter_digest": self._adapter_digest(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`, once the model holds the adapter saved with it (and, with Accelerate, the
+        optimizer its state): Trainer's `resume_from_checkpoint` and Accelerate's `load_state` load those first."""
+        if state.get("rule") != self.rule:
+            raise SparseTrainingError(f"The engine state was saved by a {state.get('rule')!r} diff; this engine is {self.rule!r}.")
+        if state["adapter_digest"] != self._adapter_digest():
+            raise SparseTrainingError(
+                f"The model's adapter '{self.adapter}' is not the one this engine state was saved with (step {state['steps']}): "
+                "load the checkpoint's adapter into the model first (Trainer's resume_from_checkpoint and Accelerate's "
+                "load_state do), then the engine state."
+            )
+        if self.total_steps is not None and state["total_steps"] not in (None, self.total_steps):
+            raise SparseTrainingError(
+                f"The run was scheduled over {state['total_steps']} steps, this one over {self.total_steps}: resume with the "
+                "same number of steps, or the prune rate would follow another schedule."
+            )
+        self.total_steps = state["total_steps"] if self.total_steps is None else self.total_steps
+        self.steps, self.updates, self.update_seconds = state["steps"], state["updates"], state["update_seconds"]
+        for entry in self.entries:
+            self.config.sparse_parameters[entry.name] = entry.indices.numel()
+        self._capture(self._update_due(self.steps + 1))
+
+    def _adapter_digest(self) -> str:
+        """A hash of the adapter's entries (not the exploration), to check an engine state against the model."""
+        digest = hashlib.sha256()
+        for entry in sorted(self.entries, key=lambda e: e.name):
+            digest.update(entry.name.encode())
+            digest.update(entry.indices.detach().cpu().to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()
 
     def masks(self) -> dict[str, torch.Tensor]:
         """{parameter name: flat bool mask of the entries the forward pass uses}."""

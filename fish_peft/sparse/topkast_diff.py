@@ -13,13 +13,14 @@ and is never saved: the adapter is A.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .evolving_diff import DiffEntry, EvolvingDiff, sorted_by_index, top_new_positions
 from .optimizer_state import rearrange_entries, unwrap_optimizer
+from .targets import SparseTrainingError
 
 
 class TopKASTDiff(EvolvingDiff):
@@ -82,6 +83,29 @@ class TopKASTDiff(EvolvingDiff):
 
     def stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
         return [entry.indices] + ([self.exploration_indices(entry)] if self._explores(entry) else [])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Besides the counts, the exploration entries (indices and values), which the adapter file leaves out."""
+        exploration = {
+            e.name: {"indices": self.exploration_indices(e).cpu().clone(), "values": self.exploration_values(e).detach().cpu().clone()}
+            for e in self.entries if self._explores(e)
+        }
+        return {**super().state_dict(), "exploration": exploration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        saved = state["exploration"]
+        if set(saved) != {e.name for e in self.entries if self._explores(e)}:
+            raise SparseTrainingError("The engine state explores other parameters than this Top-KAST diff; it belongs to another run.")
+        for entry in (e for e in self.entries if e.name in saved):
+            indices, values = saved[entry.name]["indices"], saved[entry.name]["values"]
+            current = self.exploration_values(entry)
+            if indices.shape != values.shape or values.shape != current.shape:
+                raise SparseTrainingError(f"The engine state's exploration entries of '{entry.name}' have another count than this run's.")
+            with torch.no_grad():
+                current.copy_(values)
+            old = self.exploration_indices(entry)
+            entry.layer.fish_explore_indices[entry.adapter][entry.attr] = indices.to(old.device, old.dtype)
 
     def _penalty_gradient(self, values: nn.Parameter, scale: float):
         def hook(grad: torch.Tensor) -> torch.Tensor:
