@@ -4,7 +4,11 @@ A run keeps Trainer checkpoints in `OUTPUT_DIR/checkpoints` (every epoch, and ev
 the adapter, optimizer, scheduler, RNG states and the Trainer's state, whose `trainer_state.json` is written last.
 A checkpoint without it, or whose adapter does not decode, was cut off mid-save and is passed over. The recipe the
 run started with is kept next to them; `--resume` refuses a recipe that differs from it, since the result would
-then match neither run. The mask is read back from the checkpoint's adapter rather than computed again.
+then match neither run. So is the mask it started with, which is read back rather than computed again.
+
+An evolving diff (`mask_update`) also needs its engine's state, which `SparseTrainingCallback` writes into each
+checkpoint after the Trainer's files: a checkpoint without it is passed over too, and such runs keep the two
+newest checkpoints, so the one before stays until the newest is whole.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from transformers import TrainerCallback
 
 from .atomic import atomic_path
 from .config import FishConfig
+from .masks import FishMask
 from .recipe import Recipe
+from .sparse.callback import ENGINE_STATE
 from .validation import AdapterFileError, read_adapter_config, read_adapter_mask
 
 CHECKPOINTS = "checkpoints"
 RUN_RECIPE = "run_recipe.yaml"
+RUN_MASK = "run_mask.safetensors"
 COMPLETE_MARKER = "trainer_state.json"
 # Keys that may differ between the interrupted run and the resumed one without changing what is computed.
 FREE_KEYS = ("output_dir", "methods", "lr_by_method", "batch_size_by_method")
@@ -46,16 +53,29 @@ def remember_recipe(recipe: Recipe, out: Path) -> None:
         Path(tmp).write_text(recipe.to_yaml())
 
 
+def remember_mask(mask: FishMask, out: Path) -> None:
+    """Keep the mask a run starts with, for `--resume` to build the same adapter without computing it again."""
+    mask.save(str(out / CHECKPOINTS / RUN_MASK))
+
+
+def run_mask(out: Path) -> FishMask:
+    """The mask the interrupted run in `out` started with."""
+    path = out / CHECKPOINTS / RUN_MASK
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing, so the run's mask is unknown; start again with --overwrite.")
+    return FishMask.load(str(path))
+
+
 def interrupted(out: Path) -> bool:
     return (out / CHECKPOINTS / RUN_RECIPE).is_file()
 
 
 def resume_point(recipe: Recipe, out: Path) -> Path:
     """The checkpoint to continue from, after checking that resuming `recipe` in `out` is sound."""
-    if recipe.mask_update is not None or recipe.merge_every is not None:
+    if recipe.merge_every is not None:
         raise ValueError(
-            "--resume continues runs with a fixed mask (or lora / full); runs with mask_update or merge_every "
-            "cannot be resumed yet: start them again with --overwrite."
+            "--resume continues Trainer runs; merged training (merge_every) runs its own loop, which does not "
+            "checkpoint: start it again with --overwrite."
         )
     saved_path = out / CHECKPOINTS / RUN_RECIPE
     if not saved_path.is_file():
@@ -69,7 +89,7 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
             f"--resume needs the recipe the run started with; these keys differ ({details}). Resume with the same "
             "recipe and overrides, or start again with --overwrite."
         )
-    checkpoint = last_complete_checkpoint(out / CHECKPOINTS)
+    checkpoint = last_complete_checkpoint(out / CHECKPOINTS, evolving=recipe.mask_update is not None)
     if checkpoint is None:
         raise FileNotFoundError(
             f"The interrupted run in {out} left no complete checkpoint (they are written at every epoch end and "
@@ -78,15 +98,16 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
     return checkpoint
 
 
-def last_complete_checkpoint(folder: Path) -> Optional[Path]:
-    """The checkpoint with the most steps whose save finished and whose files load."""
+def last_complete_checkpoint(folder: Path, evolving: bool = False) -> Optional[Path]:
+    """The checkpoint with the most steps whose save finished and whose files load (with the engine state, for
+    an `evolving` diff)."""
     found = []
     for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
         if match and path.is_dir():
             found.append((int(match.group(1)), path))
     for _, path in sorted(found, reverse=True):
-        if _complete(path):
+        if _complete(path) and (not evolving or (path / ENGINE_STATE).is_file()):
             return path
     return None
 

@@ -44,11 +44,10 @@ from .merged_training import own_share, train_merged
 from .card_facts import write_model_card
 from .model_card import SPARSE_METHODS
 from .recipe import Recipe, load_recipe
-from .resume import CHECKPOINTS, StepCheckpoints, interrupted, remember_recipe, resume_point
+from .resume import CHECKPOINTS, StepCheckpoints, interrupted, remember_mask, remember_recipe, resume_point, run_mask
 from .selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
 from .sparse import SparseTrainingCallback, evolving_diff_engine
 from .tasks import Task, compute_metrics, custom_task, get_task
-from .validation import read_adapter_mask
 
 RUN_MARKERS = ("results.json", "adapter_config.json", "recipe.yaml")
 PACKAGED_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
@@ -93,14 +92,17 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
         check_output_dir(out, overwrite)
     started = time.perf_counter()
     setup = Setup.from_recipe(recipe)
-    if not resume and rank_and_world()[0] == 0:
+    first_process = rank_and_world()[0] == 0
+    if not resume and first_process:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         remember_recipe(recipe, out)
     fisher_start = time.perf_counter()
     if checkpoint is not None and recipe.method in SPARSE_METHODS:
-        mask = read_adapter_mask(checkpoint)  # the mask the run trained, not a new one
+        mask = run_mask(out)  # the mask the run started with, not a new one; the checkpoint's adapter loads onto it
     else:
         mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
+        if mask is not None and first_process:
+            remember_mask(mask, out)
     fisher_seconds = time.perf_counter() - fisher_start if recipe.method == "fish" and checkpoint is None else None
     model = apply_method(recipe, setup.model, mask)
     initial_mask = mask
@@ -327,7 +329,9 @@ def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArgumen
         data_seed=recipe.seed,
         eval_strategy="epoch",
         save_strategy="epoch",
-        save_total_limit=1,  # the best checkpoint is kept too
+        # the best checkpoint is kept too; an evolving diff's newest checkpoint is whole only once the engine state
+        # follows the Trainer's files (rotation comes between them), so the one before stays until then
+        save_total_limit=2 if recipe.mask_update else 1,
         save_only_model=False,  # optimizer, scheduler and RNG states, for --resume
         # an evolving mask's earlier checkpoints hold another support than the model now has: keep the final model
         load_best_model_at_end=recipe.mask_update is None,

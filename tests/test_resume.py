@@ -1,5 +1,6 @@
-"""A `fish-peft train` run killed with SIGKILL and resumed ends with the adapter of an uninterrupted run; the same
-recipe and seed give the same mask and adapter; resuming refuses what would not be sound."""
+"""A `fish-peft train` run killed with SIGKILL and resumed ends with the adapter of an uninterrupted run, with a
+fixed mask and with an evolving one (Top-KAST, sparse momentum); the same recipe and seed give the same mask and
+adapter; resuming refuses what would not be sound."""
 
 import json
 import signal
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from fish_peft.cli import main
 from fish_peft.resume import CHECKPOINTS, last_complete_checkpoint
+from fish_peft.sparse.callback import ENGINE_STATE
 from tests.glue_files import WORDS, write_glue_files
 from tests.models import save_tiny_checkpoint
 
@@ -55,8 +57,8 @@ def assert_same_adapter(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def start_training(data, out):
-    return subprocess.Popen([sys.executable, "-m", "fish_peft.cli", *train_args(data, out)],
+def start_training(data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "fish_peft.cli", *train_args(data, out, *extra)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -97,6 +99,38 @@ def test_a_kill_during_a_checkpoint_save_falls_back_to_the_previous_checkpoint(d
         assert last_complete_checkpoint(folder).name == "checkpoint-30"
     assert run_cli(*train_args(data, out, "--resume")) == 0
     assert_same_adapter(adapter(out), adapter(uninterrupted))
+
+
+@pytest.mark.parametrize("rule", ["topkast", "sparse_momentum"])
+def test_an_evolving_diff_killed_with_sigkill_resumes_to_the_same_adapter(data, tmp_path, rule):
+    """The support moves every 15 steps (13 updates in 200 steps). Killed after checkpoint 70, resumed; then killed
+    again as if between the Trainer's files of checkpoint 120 and the engine state: an earlier one is used."""
+    evolving = ("--mask-update", rule, "--update-every", "15")
+    whole = tmp_path / "whole"
+    assert run_cli(*train_args(data, whole, *evolving)) == 0
+    out = tmp_path / "run"
+    process = start_training(data, out, *evolving)
+    wait_for((out / CHECKPOINTS / "checkpoint-70" / ENGINE_STATE).exists, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process = subprocess.Popen([sys.executable, "-m", "fish_peft.cli", *train_args(data, out, *evolving, "--resume")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for((out / CHECKPOINTS / "checkpoint-120" / ENGINE_STATE).exists, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    for newer in (out / CHECKPOINTS).glob("checkpoint-1[2-9]0"):
+        (newer / ENGINE_STATE).unlink(missing_ok=True)
+    fallback = last_complete_checkpoint(out / CHECKPOINTS, evolving=True)  # kept: the best (100) or the one before
+    assert fallback.name in ("checkpoint-100", "checkpoint-110")
+    trainer_only = last_complete_checkpoint(out / CHECKPOINTS)  # the Trainer's files alone are there
+    assert int(trainer_only.name.removeprefix("checkpoint-")) >= 120
+
+    assert run_cli(*train_args(data, out, *evolving, "--resume")) == 0
+    assert_same_adapter(adapter(out), adapter(whole))
+    assert json.loads((out / "adapter_config.json").read_text()) == json.loads((whole / "adapter_config.json").read_text())
+    mask, whole_mask = (json.loads((run / "results.json").read_text())["mask"] for run in (out, whole))
+    assert mask["mask_updates"] == whole_mask["mask_updates"] == 13
+    assert mask["jaccard_with_initial"] == whole_mask["jaccard_with_initial"] < 1
 
 
 def test_partial_checkpoints_are_passed_over(tmp_path):
