@@ -33,7 +33,8 @@ def atomic_folder(path: str | os.PathLike):
     Files that belong together (an adapter's config and weights, the results and card that describe them) thus
     change together: until the swap, readers and a process killed mid-save see the previous folder complete. The swap
     is one atomic `renameat2(RENAME_EXCHANGE)` on Linux; elsewhere the old folder is renamed aside first, so a crash
-    between the two renames leaves it, complete, under `.NAME.old-*`. The previous folder's contents are deleted.
+    between the two renames leaves it, complete, under `.NAME.old-*`. The previous folder's contents are deleted, and
+    so are the staging folders of saves that were killed (one save of a folder runs at a time).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,8 @@ def atomic_folder(path: str | os.PathLike):
         os.rename(path, aside / path.name)
         os.rename(staging, path)
         shutil.rmtree(aside, ignore_errors=True)
+    for leftover in (*path.parent.glob(f".{path.name}.saving-*"), *path.parent.glob(f".{path.name}.old-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

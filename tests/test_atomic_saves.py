@@ -54,3 +54,14 @@ def test_an_error_inside_the_save_keeps_the_previous_folder(tmp_path):
             (staging / "a.txt").write_text("new, half")
             raise KeyboardInterrupt
     assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_next_save_removes_what_killed_saves_left_behind(tmp_path):
+    target = tmp_path / "run"
+    for leftover in (".run.saving-k1ll3d", ".run.old-k1ll3d"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.saving-x").mkdir()  # another folder's save: not ours to touch
+    with atomic_folder(target) as staging:
+        (staging / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.saving-x", "run"]
