@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sparse.add_argument("recipe", help="YAML recipe, e.g. recipes/sparse/digits_sparse_momentum.yaml")
     sparse.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    sparse.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
     sparse.set_defaults(handler=sparse_train_command)
 
     push = commands.add_parser("push", help="upload a run's adapter with its model card to the Hub", description=push_command.__doc__)
@@ -178,7 +179,7 @@ def sparse_train_command(args, overrides) -> int:
     from .sparse.from_scratch import SparseRecipe, train_sparse
 
     recipe = load_recipe(args.recipe, overrides, SparseRecipe)
-    results = train_sparse(recipe, overwrite=args.overwrite)
+    results = train_sparse(recipe, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps({k: results[k] for k in ("test_accuracy", "density", "mask_updates", "mask_update_share")}, indent=2))
     return 0
 

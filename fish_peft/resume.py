@@ -80,15 +80,7 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
     saved_path = out / CHECKPOINTS / RUN_RECIPE
     if not saved_path.is_file():
         raise FileNotFoundError(f"Nothing to resume in {out}: no interrupted run of `fish-peft train` is there.")
-    saved = yaml.safe_load(saved_path.read_text())
-    given = dataclasses.asdict(recipe)
-    changed = sorted(k for k in given if k not in FREE_KEYS and given[k] != saved.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {given[k]!r}" for k in changed)
-        raise ValueError(
-            f"--resume needs the recipe the run started with; these keys differ ({details}). Resume with the same "
-            "recipe and overrides, or start again with --overwrite."
-        )
+    check_same_recipe(yaml.safe_load(saved_path.read_text()), dataclasses.asdict(recipe), FREE_KEYS)
     checkpoint = last_complete_checkpoint(out / CHECKPOINTS, evolving=recipe.mask_update is not None)
     if checkpoint is None:
         raise FileNotFoundError(
@@ -96,6 +88,17 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
             "every save_steps steps); start again with --overwrite."
         )
     return checkpoint
+
+
+def check_same_recipe(saved: dict, given: dict, free_keys: tuple[str, ...]) -> None:
+    """Refuse to resume a run with a recipe other than the one it started with (but for `free_keys`)."""
+    changed = sorted(k for k in given if k not in free_keys and given[k] != saved.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {given[k]!r}" for k in changed)
+        raise ValueError(
+            f"--resume needs the recipe the run started with; these keys differ ({details}). Resume with the same "
+            "recipe and overrides, or start again with --overwrite."
+        )
 
 
 def last_complete_checkpoint(folder: Path, evolving: bool = False) -> Optional[Path]:

@@ -111,6 +111,27 @@ class NetworkMaskEngine(MaskEngine):
     def trained_parameters(self) -> list[torch.Tensor]:
         return [w.parameter for w in self.weights]
 
+    def state_dict(self) -> dict:
+        """The step count and every mask, to continue a run (`accelerator.register_for_checkpointing(engine)`)."""
+        return {
+            "engine": type(self).__name__, "steps": self.steps, "update_seconds": self.update_seconds,
+            "masks": {name: mask.detach().cpu().clone() for name, mask in self.masks().items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()` of the same engine on the same network."""
+        if state.get("engine") != type(self).__name__:
+            raise SparseTrainingError(f"The engine state was saved by {state.get('engine')}, not {type(self).__name__}.")
+        current = self.masks()
+        if {n: tuple(m.shape) for n, m in state["masks"].items()} != {n: tuple(m.shape) for n, m in current.items()}:
+            raise SparseTrainingError("The engine state's masks are for other weights than this network's sparse weights.")
+        self.steps, self.update_seconds = state["steps"], state["update_seconds"]
+        self._load_masks(state)
+
+    @abstractmethod
+    def _load_masks(self, state: dict) -> None:
+        """Put the masks of `state` in place."""
+
     def export_dense(self) -> nn.Module:
         """The model as an ordinary dense model, zeros where weights are pruned (`save_pretrained` as usual)."""
         return self.model

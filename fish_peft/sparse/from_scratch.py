@@ -2,7 +2,8 @@
 
 Runs on scikit-learn's bundled handwritten digits (1,797 8x8 images, offline), with an MLP shaped like the papers'
 LeNet-300-100 or a small CNN; `method` picks dense, a static random mask, sparse momentum or Top-KAST. The same
-loop runs on one CPU or under `accelerate launch` on several GPUs.
+loop runs on one CPU or under `accelerate launch` on several GPUs. Each epoch's batch order depends only on the
+seed and the epoch, and every epoch is checkpointed, so `resume=True` continues a killed run to the same model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..atomic import atomic_path
 from .checkpoint import save_sparse_model
 from .engine import NetworkMaskEngine
+from .epoch_checkpoints import EpochCheckpoints, load_progress, writes_files
 from .sparse_momentum import SparseMomentum
 from .static import StaticSparse
 from .targets import SparseTrainingError
@@ -105,16 +107,28 @@ def build_engine(recipe: SparseRecipe, model: nn.Module, total_steps: int, steps
     )
 
 
-def train_sparse(recipe: SparseRecipe, accelerator: Optional[Accelerator] = None, overwrite: bool = False) -> dict[str, Any]:
+def train_sparse(
+    recipe: SparseRecipe, accelerator: Optional[Accelerator] = None, overwrite: bool = False, resume: bool = False
+) -> dict[str, Any]:
     """Train as the recipe says; write results.json and the model (sparse checkpoint, or dense weights) into
-    output_dir; return the results."""
-    if (Path(recipe.output_dir) / "results.json").exists() and not overwrite:
-        raise FileExistsError(f"{recipe.output_dir} already holds a run; pass --overwrite or choose another --output-dir.")
+    output_dir; return the results. `resume` continues an interrupted run from its last epoch checkpoint."""
+    if overwrite and resume:
+        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it; pass one.")
+    checkpoints = EpochCheckpoints(recipe.output_dir)
+    checkpoint = checkpoints.resume_point(recipe) if resume else None
+    if not resume and not overwrite:
+        if (Path(recipe.output_dir) / "results.json").exists():
+            raise FileExistsError(f"{recipe.output_dir} already holds a run; pass --overwrite or choose another --output-dir.")
+        if checkpoints.interrupted():
+            raise FileExistsError(
+                f"{recipe.output_dir} holds an interrupted run: --resume continues it from its last epoch, --overwrite starts again."
+            )
     accelerator = accelerator or Accelerator()
     set_seed(recipe.seed)
     train_set, test_set = digits_splits()
     model = build_model(recipe.model)
-    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=torch.Generator().manual_seed(recipe.seed))
+    order = torch.Generator()  # reseeded every epoch
+    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=order)
     test_loader = DataLoader(test_set, batch_size=256)
     steps_per_epoch = len(train_loader)
     engine = build_engine(recipe, model, recipe.epochs * steps_per_epoch, steps_per_epoch)
@@ -124,10 +138,19 @@ def train_sparse(recipe: SparseRecipe, accelerator: Optional[Accelerator] = None
         optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.epochs * steps_per_epoch)
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, test_loader, scheduler)
+    if engine is not None:
+        accelerator.register_for_checkpointing(engine)
 
-    history, engine_seconds, updates = [], 0.0, 0
-    started = time.perf_counter()
-    for epoch in range(recipe.epochs):
+    progress = {"history": [], "engine_seconds": 0.0, "mask_updates": 0, "train_seconds": 0.0}
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        progress = load_progress(checkpoint)
+    elif writes_files(accelerator):
+        checkpoints.start(recipe)
+    history, engine_seconds, updates = progress["history"], progress["engine_seconds"], progress["mask_updates"]
+    started = time.perf_counter() - progress["train_seconds"]
+    for epoch in range(len(history), recipe.epochs):
+        order.manual_seed(recipe.seed + epoch)
         model.train()
         for inputs, labels in train_loader:
             optimizer.zero_grad()
@@ -139,6 +162,10 @@ def train_sparse(recipe: SparseRecipe, accelerator: Optional[Accelerator] = None
                 updates += engine.step(optimizer)
                 engine_seconds += time.perf_counter() - tick
         history.append({"epoch": epoch + 1, "test_accuracy": evaluate(model, test_loader, accelerator)})
+        if epoch + 1 < recipe.epochs:
+            progress = {"history": history, "engine_seconds": engine_seconds, "mask_updates": updates,
+                        "train_seconds": time.perf_counter() - started}
+            checkpoints.save(accelerator, epoch + 1, progress)
     train_seconds = time.perf_counter() - started
 
     results = {
@@ -151,8 +178,9 @@ def train_sparse(recipe: SparseRecipe, accelerator: Optional[Accelerator] = None
         "mask_update_share": (engine.update_seconds if engine is not None else 0.0) / train_seconds,  # prune/regrow
         "engine_share": engine_seconds / train_seconds,  # all of engine.step(), with keeping pruned weights at zero
     }
-    if accelerator.is_main_process:
+    if writes_files(accelerator):
         save_run(recipe, engine, accelerator.unwrap_model(model), results)
+        checkpoints.finish()
     return results
 
 

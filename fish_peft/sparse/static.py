@@ -47,6 +47,10 @@ class StaticSparse(NetworkMaskEngine):
     def masks(self) -> dict[str, torch.Tensor]:
         return dict(self._masks)
 
+    def _load_masks(self, state: dict) -> None:
+        for weight in self.weights:
+            self._masks[weight.name] = state["masks"][weight.name].to(weight.parameter.device, torch.bool)
+
     def _after_optimizer_step(self) -> None:
         self._apply_masks()
 

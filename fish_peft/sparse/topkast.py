@@ -159,6 +159,15 @@ class TopKAST(NetworkMaskEngine):
     def backward_masks(self) -> dict[str, torch.Tensor]:
         return {name: p.backward_mask for name, p in self.parametrizations.items()}
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "backward_masks": {n: m.detach().cpu().clone() for n, m in self.backward_masks().items()}}
+
+    def _load_masks(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, masks in self.parametrizations.items():
+                masks.forward_mask.copy_(state["masks"][name])
+                masks.backward_mask.copy_(state["backward_masks"][name])
+
     def export_dense(self) -> nn.Module:
         """Make the model an ordinary dense model holding θ ⊙ 1_A (zeros elsewhere); the engine is spent."""
         for hook in self._hooks:
