@@ -18,7 +18,7 @@ class SparseTrainingCallback(TrainerCallback):
     """Runs `engine.step()` after each optimizer step of a Trainer, with the Trainer's optimizer.
 
     Build the engine on the model before creating the Trainer; `Trainer(..., callbacks=[SparseTrainingCallback(engine)])`.
-    Engines with a `state_dict` (the evolving diffs) write it into every checkpoint as `fish_engine_state.pt`; when
+    The engine's state is written into every checkpoint as `fish_engine_state.pt`; when
     `trainer.train(resume_from_checkpoint=...)` continues at step N, the engine takes it back from the checkpoint of
     step N in `output_dir` (or call `engine.load_state_dict(load_engine_state(folder))` first for one elsewhere).
     """
@@ -31,15 +31,13 @@ class SparseTrainingCallback(TrainerCallback):
         if getattr(self.engine, "total_steps", 0) is None:
             self.engine.total_steps = state.max_steps
         if state.global_step != self.engine.steps:
-            if not hasattr(self.engine, "load_state_dict"):
-                raise SparseTrainingError(f"{type(self.engine).__name__} cannot be resumed inside a Trainer; start the run again.")
             self.engine.load_state_dict(load_engine_state(checkpoint_folder(args, state)))
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self.engine.step(optimizer)
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and hasattr(self.engine, "state_dict"):
+        if state.is_world_process_zero:
             with atomic_path(os.path.join(checkpoint_folder(args, state), ENGINE_STATE)) as tmp:
                 torch.save(self.engine.state_dict(), tmp)
 

@@ -64,6 +64,15 @@ class MaskEngine(ABC):
     def masks(self) -> dict[str, torch.Tensor]:
         """{weight name: bool mask of the weights the forward pass uses}."""
 
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """What continuing a run needs besides the model, optimizer and schedule (Accelerate's
+        `register_for_checkpointing`, `SparseTrainingCallback`'s checkpoints)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`."""
+
     def density(self) -> float:
         """The fraction of sparse-layer weights the forward pass uses."""
         masks = self.masks()
