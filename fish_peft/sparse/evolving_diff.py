@@ -174,11 +174,7 @@ class EvolvingDiff(MaskEngine):
 
     def _adapter_digest(self) -> str:
         """A hash of the adapter's entries (not the exploration), to check an engine state against the model."""
-        digest = hashlib.sha256()
-        for entry in sorted(self.entries, key=lambda e: e.name):
-            digest.update(entry.name.encode())
-            digest.update(entry.indices.detach().cpu().to(torch.int64).numpy().tobytes())
-        return digest.hexdigest()
+        return self._digest(lambda entry: [entry.indices])
 
     def masks(self) -> dict[str, torch.Tensor]:
         """{parameter name: flat bool mask of the entries the forward pass uses}."""
@@ -190,10 +186,13 @@ class EvolvingDiff(MaskEngine):
         return masks
 
     def mask_digest(self) -> str:
+        return self._digest(self.stored_indices)
+
+    def _digest(self, indices_of) -> str:
         digest = hashlib.sha256()
         for entry in sorted(self.entries, key=lambda e: e.name):
             digest.update(entry.name.encode())
-            for indices in self.stored_indices(entry):
+            for indices in indices_of(entry):
                 digest.update(indices.detach().cpu().to(torch.int64).numpy().tobytes())
         return digest.hexdigest()
 
