@@ -62,7 +62,7 @@ def unpack(tensors: dict[str, torch.Tensor], counts: dict[str, int], numels: dic
     if missing:
         raise PackingError(f"The adapter file lacks {missing}; it was not written by fish-peft's save_pretrained.")
     values, low, overflow = (tensors[k] for k in REQUIRED_KEYS)
-    if stored_counts(tensors, counts) not in (None, {name: counts[name] for name in sorted(counts)}):
+    if stored_counts(tensors, counts) not in (None, dict(counts)):
         raise PackingError(
             "The adapter file's per-parameter counts differ from those its config gives; the file holds another mask "
             "than the config describes."
