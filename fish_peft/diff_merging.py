@@ -193,6 +193,66 @@ class DiffMerger:
         self._install(dict(mask), mask, values=None)
         self.recomputations += 1
 
+    def state_dict(self) -> dict:
+        """This process's part of the run right after a merge (its adapter holds zeros then): counters, traffic and
+        its mask. `merged_model_state()` holds the part every process shares; `load_state_dict` takes both."""
+        self._check_just_merged()
+        return {
+            "processes": rank_and_world()[1], "steps": self.steps, "merges": self.merges,
+            "recomputations": self.recomputations,
+            "traffic": {"bytes": dict(self.traffic.bytes), "calls": dict(self.traffic.calls)},
+            "mask": {e.name: e.indices.long().clone() for e in self.entries}, "mask_info": dict(self.config.mask_info),
+        }
+
+    def merged_model_state(self) -> dict:
+        """What the merges so far changed, the same on every process: the base-weight entries they folded into
+        (positions, pretrained and merged values) and the task head."""
+        self._check_just_merged()
+        folded = {}
+        for name, (positions, pretrained) in self.original.items():
+            merged = self.base[name].detach().view(-1)[positions].clone()
+            folded[name] = {"positions": positions.clone(), "pretrained": pretrained.clone(), "merged": merged}
+        return {"folded": folded, "head": {name: p.detach().clone() for name, p in self.head.items()}}
+
+    def load_state_dict(self, state: dict, merged_model: dict) -> None:
+        """Continue a run from its `state_dict()` and `merged_model_state()`, on a merger made like the run's: the
+        model it started from (pretrained base weights; the adapter's mask is replaced by the saved one) and a new
+        optimizer, whose state the caller restores after this."""
+        world = rank_and_world()[1]
+        if state["processes"] != world:
+            raise SparseTrainingError(
+                f"This checkpoint of merged training was saved by {state['processes']} processes; resume it with as "
+                f"many (now {world})."
+            )
+        with torch.no_grad():
+            for name, saved in merged_model["folded"].items():
+                flat = self.base[name].data.view(-1)
+                if not torch.equal(flat[saved["positions"]], saved["pretrained"].to(flat)):
+                    raise SparseTrainingError(
+                        f"'{name}' does not hold the pretrained weights this checkpoint was merged into: load it onto "
+                        "the model the run started from, built afresh from the same pretrained checkpoint."
+                    )
+            for name, saved in merged_model["folded"].items():
+                self.base[name].data.view(-1)[saved["positions"]] = saved["merged"].to(self.base[name])
+                self.original[name] = saved["positions"], saved["pretrained"].to(self.base[name])
+            for name, parameter in self.head.items():
+                parameter.copy_(merged_model["head"][name])
+                self.head_at_merge[name] = parameter.detach().clone()
+        shapes = {name: tuple(self.base[name].shape) for name in state["mask"]}
+        mask = FishMask(state["mask"], shapes, modules_to_save=self.config.modules_to_save or (), info=state["mask_info"])
+        self._install(dict(mask), mask, values=None)
+        self.steps, self.merges, self.recomputations = state["steps"], state["merges"], state["recomputations"]
+        self.traffic.bytes.update(state["traffic"]["bytes"])
+        self.traffic.calls.update(state["traffic"]["calls"])
+        check_same_everywhere(tensors_digest({**self.base, **self.head}), "merged model read back from the checkpoint")
+
+    def _check_just_merged(self) -> None:
+        if self.steps % self.merge_every:
+            raise SparseTrainingError(
+                f"Merged training is checkpointed right after a merge (every {self.merge_every} steps); this is step "
+                f"{self.steps}."
+            )
+
     def finish(self) -> None:
         """Merge what is left, then make the adapter hold everything merged: the base weights go back to the
         pretrained ones and the adapter's entries are the union of merged positions, valued W_merged - W."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -16,12 +17,18 @@ from transformers import Trainer
 from .diff_merging import DiffMerger
 from .distributed import rank_and_world
 from .masks import FishMask
+from .merge_checkpoints import MergeCheckpoints, load_merge_checkpoint
 from .recipe import Recipe
+from .rng_states import capture_rng, restore_rng
 from .selection import compute_fisher_mask
 
 
-def train_merged(recipe: Recipe, model, trainer: Trainer, fisher_loader: Callable[[], DataLoader]) -> dict[str, Any]:
-    """Train `model` (a PeftModel with a fixed FISH mask) by merged diffs; returns what results.json reports."""
+def train_merged(
+    recipe: Recipe, model, trainer: Trainer, fisher_loader: Callable[[], DataLoader], checkpoints: Path,
+    resume_from: Optional[Path] = None,
+) -> dict[str, Any]:
+    """Train `model` (a PeftModel with a fixed FISH mask) by merged diffs, checkpointing into `checkpoints` (see
+    `merge_checkpoints.py`), or continuing from the checkpoint `resume_from`; returns what results.json reports."""
     loader = trainer.get_train_dataloader()  # prepared by Accelerate: each process gets its own batches
     steps = max(1, math.ceil(len(loader) * recipe.epochs))
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
@@ -31,31 +38,54 @@ def train_merged(recipe: Recipe, model, trainer: Trainer, fisher_loader: Callabl
         recompute_every=recipe.recompute_every, recompute_mask=lambda: recomputed_mask(recipe, model, fisher_loader()),
         total_steps=steps,
     )
-    started, done = time.perf_counter(), 0
+    rng = load_merge_checkpoint(resume_from, merger, scheduler) if resume_from else None
+    saver = MergeCheckpoints(checkpoints, len(loader), recipe.save_steps, last_saved=merger.steps)
+    started, first, done = time.perf_counter(), merger.steps, merger.steps
+    epoch, skip = divmod(done, len(loader))
     model.train()
     while done < steps:
-        for batch in loader:
+        batches = epoch_batches(loader, epoch)
+        if rng is None:
+            epoch_start = capture_rng()
+        else:  # resuming: the interrupted epoch's batch order, drawn again, then the RNG as it was at the checkpoint
+            epoch_start = rng["epoch_start"] if skip else rng["now"]
+            restore_rng(epoch_start)
+            for _ in range(skip):
+                next(batches)
+            restore_rng(rng["now"])
+            rng = None
+        for batch in batches:
             model(**batch).loss.backward()
             if trainer.args.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], trainer.args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            merger.step()
+            merged = merger.step()
             done += 1
             if done == steps:
                 break
+            if merged and saver.due(done):
+                saver.save(merger, scheduler, epoch_start)
+        epoch += 1
     merger.finish()
     seconds = time.perf_counter() - started
     return {
         "train_seconds": seconds,
-        "mean_step_seconds": seconds / steps,
+        "mean_step_seconds": seconds / max(1, steps - first),
         "merging": {
             "steps": steps, "merges": merger.merges, "recomputations": merger.recomputations,
             "processes": rank_and_world()[1], "mask_sharing": recipe.mask_sharing, "reduction": recipe.merge_reduction,
             "bytes_per_process": merger.traffic.total(), "traffic": merger.traffic.as_dict(),
         },
     }
+
+
+def epoch_batches(loader: DataLoader, epoch: int) -> Iterator:
+    """The batches of `epoch`, in the order the epoch number gives them (Accelerate's seedable sampler)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    return iter(loader)
 
 
 def recomputed_mask(recipe: Recipe, model, loader: DataLoader) -> FishMask:

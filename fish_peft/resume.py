@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from .atomic import atomic_path
 from .config import FishConfig
 from .masks import FishMask
+from .merge_checkpoints import last_merge_checkpoint
 from .recipe import Recipe
 from .sparse.callback import ENGINE_STATE
 from .validation import AdapterFileError, read_adapter_config, read_adapter_mask
@@ -72,16 +73,14 @@ def interrupted(out: Path) -> bool:
 
 def resume_point(recipe: Recipe, out: Path) -> Path:
     """The checkpoint to continue from, after checking that resuming `recipe` in `out` is sound."""
-    if recipe.merge_every is not None:
-        raise ValueError(
-            "--resume continues Trainer runs; merged training (merge_every) runs its own loop, which does not "
-            "checkpoint: start it again with --overwrite."
-        )
     saved_path = out / CHECKPOINTS / RUN_RECIPE
     if not saved_path.is_file():
         raise FileNotFoundError(f"Nothing to resume in {out}: no interrupted run of `fish-peft train` is there.")
     check_same_recipe(yaml.safe_load(saved_path.read_text()), dataclasses.asdict(recipe), FREE_KEYS)
-    checkpoint = last_complete_checkpoint(out / CHECKPOINTS, evolving=recipe.mask_update is not None)
+    if recipe.merge_every is not None:
+        checkpoint = last_merge_checkpoint(out / CHECKPOINTS)
+    else:
+        checkpoint = last_complete_checkpoint(out / CHECKPOINTS, evolving=recipe.mask_update is not None)
     if checkpoint is None:
         raise FileNotFoundError(
             f"The interrupted run in {out} left no complete checkpoint (they are written at every epoch end and "

@@ -122,7 +122,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
         + ([StepCheckpoints(recipe.save_steps)] if recipe.save_steps else []),
     )
     if recipe.merge_every:
-        merged = train_merged(recipe, model, trainer, lambda: fisher_loader(recipe, setup.tokenized["train"], setup.collator))
+        merged = train_merged(
+            recipe, model, trainer, lambda: fisher_loader(recipe, setup.tokenized["train"], setup.collator),
+            checkpoints=out / CHECKPOINTS, resume_from=checkpoint,
+        )
         mask = merged_mask(model, mask)
     else:
         merged = None

@@ -1,5 +1,6 @@
 """Launch a worker script in two CPU processes with `torch.distributed.run` (gloo), on a free port, with a timeout."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -15,14 +16,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(worker: str, *args, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run tests/workers/`worker` under torch.distributed.run; returns the finished process (stdout, stderr)."""
+def launch_command(worker: str, *args, processes: int = 2) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run tests/workers/`worker` under torch.distributed.run."""
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--nnodes=1",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "tests" / "workers" / worker),
         *map(str, args),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return command, env
+
+
+def launch(worker: str, *args, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run tests/workers/`worker` under torch.distributed.run; returns the finished process (stdout, stderr)."""
+    command, env = launch_command(worker, *args, processes=processes)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -41,3 +48,14 @@ def train_sst2_in_two_processes(tmp_path: Path, *options) -> tuple[Path, str]:
     )
     assert run.returncode == 0, run.stderr[-4000:]
     return out, checkpoint
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process it started (torch.distributed.run gives its workers sessions of their
+    own, so they outlive a killed launcher), as a preempted machine would lose them all."""
+    import psutil  # a dependency of accelerate
+
+    for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    process.wait()
