@@ -8,7 +8,8 @@ then match neither run. So is the mask it started with, which is read back rathe
 
 An evolving diff (`mask_update`) also needs its engine's state, which `SparseTrainingCallback` writes into each
 checkpoint after the Trainer's files: a checkpoint without it is passed over too, and such runs keep the two
-newest checkpoints, so the one before stays until the newest is whole.
+newest checkpoints, so the one before stays until the newest is whole. Merged training (`merge_every`) runs its own
+loop, which keeps checkpoints of its own there (`merge_checkpoints.py`).
 """
 
 from __future__ import annotations

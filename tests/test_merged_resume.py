@@ -52,6 +52,10 @@ def test_a_merged_run_resumed_after_a_merge_ends_with_the_uninterrupted_model(tm
     whole = merged_run(tmp_path).model
     stopped = merged_run(tmp_path, stop_after=6)
     assert stopped.recomputations == 3 and last_merge_checkpoint(tmp_path).name == "merge-6"
+    cut_off = tmp_path / ".merge-8.saving"  # a save killed before every process had written its file
+    cut_off.mkdir()
+    (cut_off / "process-0.pt").write_bytes(b"")
+    assert last_merge_checkpoint(tmp_path).name == "merge-6"
     resumed = merged_run(tmp_path, resume=True).model
 
     expected, got = whole.state_dict(), resumed.state_dict()
