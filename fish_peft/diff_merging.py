@@ -225,16 +225,20 @@ class DiffMerger:
                 f"many (now {world})."
             )
         with torch.no_grad():
-            for name, saved in merged_model["folded"].items():
+            folded = {
+                name: {key: tensor.to(self.base[name].device) for key, tensor in saved.items()}
+                for name, saved in merged_model["folded"].items()
+            }
+            for name, saved in folded.items():
                 flat = self.base[name].data.view(-1)
-                if not torch.equal(flat[saved["positions"]], saved["pretrained"].to(flat)):
+                if not torch.equal(flat[saved["positions"]], saved["pretrained"].to(flat.dtype)):
                     raise SparseTrainingError(
                         f"'{name}' does not hold the pretrained weights this checkpoint was merged into: load it onto "
                         "the model the run started from, built afresh from the same pretrained checkpoint."
                     )
-            for name, saved in merged_model["folded"].items():
-                self.base[name].data.view(-1)[saved["positions"]] = saved["merged"].to(self.base[name])
-                self.original[name] = saved["positions"], saved["pretrained"].to(self.base[name])
+            for name, saved in folded.items():
+                self.base[name].data.view(-1)[saved["positions"]] = saved["merged"].to(self.base[name].dtype)
+                self.original[name] = saved["positions"], saved["pretrained"].to(self.base[name].dtype)
             for name, parameter in self.head.items():
                 parameter.copy_(merged_model["head"][name])
                 self.head_at_merge[name] = parameter.detach().clone()

@@ -79,8 +79,8 @@ def load_merge_checkpoint(checkpoint: Path, merger: DiffMerger, scheduler) -> di
     if not path.is_file():
         saved = len(list(checkpoint.glob("process-*.pt")))
         raise FileNotFoundError(f"{path} is missing: {checkpoint} was saved by {saved} processes; resume with as many (now {world}).")
-    state = torch.load(path, weights_only=True)
-    merger.load_state_dict(state["merger"], torch.load(checkpoint / MERGED_MODEL, weights_only=True))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    merger.load_state_dict(state["merger"], torch.load(checkpoint / MERGED_MODEL, map_location="cpu", weights_only=True))
     load_named_optimizer_state(merger.model, merger.optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return {"now": state["rng"], "epoch_start": state["rng_at_epoch_start"]}
