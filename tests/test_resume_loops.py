@@ -1,7 +1,8 @@
 """Resuming FISH training in the user's own loops: transformers' Trainer (`resume_from_checkpoint`) and an
 Accelerate loop (`save_state` / `load_state`) end with the adapter of an uninterrupted run, for fixed masks and
 for evolving diffs (whose engine state is checkpointed with the run, and whose counts move: the resumed script
-builds its model from the initial mask, as the interrupted one did)."""
+builds its model from the initial mask, as the interrupted one did); whole-network Top-KAST and sparse momentum
+continue in a Trainer too."""
 
 import copy
 
@@ -15,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import fish_peft  # noqa: F401  (registers FISH with PEFT)
 from fish_peft import FishConfig, compute_fisher_mask
-from fish_peft.sparse import SparseTrainingCallback, evolving_diff_engine
+from fish_peft.sparse import SparseMomentum, SparseTrainingCallback, TopKAST, evolving_diff_engine
 from fish_peft.sparse.callback import ENGINE_STATE
 from tests.models import tiny_bert
 
@@ -135,3 +136,27 @@ def test_accelerate_save_state_and_load_state_give_the_uninterrupted_adapter(tmp
     accelerate_run(base, tmp_path / "state", STEPS, save_at=5, mask_update=mask_update)
     resumed = accelerate_run(base, tmp_path / "state", STEPS, save_at=5, load=True, mask_update=mask_update)
     assert_same(adapter_tensors(resumed), adapter_tensors(whole))
+
+
+def network_engine(model, rule):
+    """A whole-network engine on the Linear and Embedding weights, updating its masks every 3 steps."""
+    if rule == "topkast":
+        return TopKAST(model, forward_density=0.3, backward_density=0.5, update_every=3)
+    return SparseMomentum(model, density=0.3, update_every=3, total_steps=STEPS)
+
+
+@pytest.mark.parametrize("rule", ["topkast", "sparse_momentum"])
+def test_trainer_resume_from_checkpoint_continues_a_whole_network_engine(tmp_path, rule):
+    def run(out, resume=None, stop_at=None):
+        set_seed(0)
+        model = tiny_bert()
+        engine = network_engine(model, rule)
+        callbacks = [SparseTrainingCallback(engine)] + ([StopAt(stop_at)] if stop_at else [])
+        trainer(model, out, STEPS, callbacks).train(resume_from_checkpoint=resume)
+        return model, engine
+
+    whole, whole_engine = run(tmp_path / "whole")
+    run(tmp_path / "cut", stop_at=8)
+    resumed, engine = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-8"))
+    assert engine.steps == STEPS and engine.mask_digest() == whole_engine.mask_digest()
+    assert_same({k: v.detach() for k, v in resumed.state_dict().items()}, {k: v.detach() for k, v in whole.state_dict().items()})
