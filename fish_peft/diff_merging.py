@@ -103,14 +103,22 @@ class DiffMerger:
                 self._fold(name, positions, change)
             for entry in self.entries:
                 entry.values.zero_()
-            for name, parameter in self.head.items():
-                change = self._reduce(parameter - self.head_at_merge[name], "head")
-                parameter.copy_(self.head_at_merge[name] + change)
-                self.head_at_merge[name] = parameter.detach().clone()
+            self._merge_head()
         self.merges += 1
         last = self.total_steps is not None and self.steps >= self.total_steps
         if self.recompute_every and self.merges % self.recompute_every == 0 and not last:
             self._recompute()
+
+    def _merge_head(self) -> None:
+        """The head's merged change, all of its tensors in one reduction."""
+        names = sorted(self.head)
+        if not names:
+            return
+        changes = self._reduce(torch.cat([(self.head[n] - self.head_at_merge[n]).flatten() for n in names]), "head")
+        for name, change in zip(names, changes.split([self.head[n].numel() for n in names])):
+            parameter = self.head[name]
+            parameter.copy_(self.head_at_merge[name] + change.view_as(parameter))
+            self.head_at_merge[name] = parameter.detach().clone()
 
     def _check_in(self, what: str) -> bool:
         """Every process must be at the same step of the same call; returns whether all hold the same mask."""
