@@ -12,13 +12,12 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from .diff_merging import DiffMerger
-from .distributed import rank_and_world
+from .distributed import raise_together, rank_and_world
 from .rng_states import capture_rng
 
 MERGED_MODEL = "merged_model.pt"
@@ -39,24 +38,21 @@ class MergeCheckpoints:
         return any(steps // n > self.last_saved // n for n in self.every)
 
     def save(self, merger: DiffMerger, scheduler, rng_at_epoch_start: dict[str, Any]) -> None:
-        """Called by every process right after the merge at step `merger.steps`."""
-        rank, world = rank_and_world()
+        """Called by every process right after the merge at step `merger.steps` (`scheduler`: the LR schedule, or
+        None); an error on any process raises on all."""
+        rank = rank_and_world()[0]
         steps = merger.steps
         own = {
             "merger": merger.state_dict(),
             "optimizer": named_optimizer_state(merger.model, merger.optimizer),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": capture_rng(),
             "rng_at_epoch_start": rng_at_epoch_start,
         }
         staging, final = self.folder / f".merge-{steps}.saving", self.folder / f"merge-{steps}"
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            torch.save(merger.merged_model_state(), staging / MERGED_MODEL)
-        _barrier(world)
-        torch.save(own, staging / process_file(rank))
-        _barrier(world)
+        started = _attempt(lambda: _start(staging, merger.merged_model_state())) if rank == 0 else None
+        raise_together(started, "saving a checkpoint")  # no process waits for one that failed
+        raise_together(_attempt(lambda: torch.save(own, staging / process_file(rank))), "saving a checkpoint")
         if rank == 0:
             staging.rename(final)
             for older in self.folder.glob("*merge-*"):
@@ -80,9 +76,13 @@ def load_merge_checkpoint(checkpoint: Path, merger: DiffMerger, scheduler) -> di
         saved = len(list(checkpoint.glob("process-*.pt")))
         raise FileNotFoundError(f"{path} is missing: {checkpoint} was saved by {saved} processes; resume with as many (now {world}).")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if (scheduler is None) != (state["scheduler"] is None):
+        had = "without" if state["scheduler"] is None else "with"
+        raise ValueError(f"The run was checkpointed {had} a learning-rate schedule; resume it the same way.")
     merger.load_state_dict(state["merger"], torch.load(checkpoint / MERGED_MODEL, map_location="cpu", weights_only=True))
     load_named_optimizer_state(merger.model, merger.optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     return {"now": state["rng"], "epoch_start": state["rng_at_epoch_start"]}
 
 
@@ -108,6 +108,16 @@ def load_named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Op
     optimizer.load_state_dict(saved["state"])
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def _start(staging: Path, merged_model: dict) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.save(merged_model, staging / MERGED_MODEL)
+
+
+def _attempt(action: Callable[[], None]) -> Optional[BaseException]:
+    """The error `action` raised, if any."""
+    try:
+        action()
+    except Exception as err:  # handed to raise_together, which raises it on this process and stops the others
+        return err
+    return None

@@ -76,6 +76,8 @@ def test_a_checkpoint_is_taken_only_after_a_merge_and_loads_only_onto_the_pretra
             parameter.add_(1.0)  # e.g. a model merged into already
     optimizer = optimizer_for(model)
     fresh = DiffMerger(model, optimizer, merge_every=2)
+    with pytest.raises(ValueError, match="checkpointed with a learning-rate schedule"):
+        load_merge_checkpoint(last_merge_checkpoint(tmp_path), fresh, None)
     with pytest.raises(SparseTrainingError, match="pretrained weights"):
         load_merge_checkpoint(last_merge_checkpoint(tmp_path), fresh, torch.optim.lr_scheduler.LinearLR(optimizer))
 
@@ -120,3 +122,10 @@ def test_merged_training_killed_with_sigkill_in_two_processes_resumes_to_the_sam
     merging = [json.loads((folder / "results.json").read_text())["merging"] for folder in (whole, out)]
     assert merging[0] == merging[1] and merging[0]["recomputations"] == 9
     assert not (out / CHECKPOINTS).exists()
+
+
+def test_a_checkpoint_that_fails_on_one_process_stops_every_process(tmp_path):
+    run = launch("merge_worker.py", tmp_path, "unsaveable", timeout=180)
+    assert run.returncode != 0
+    assert "Another process failed while saving a checkpoint" in run.stderr
+    assert "FileExistsError" in run.stderr or "NotADirectoryError" in run.stderr

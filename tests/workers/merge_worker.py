@@ -6,6 +6,8 @@ usage: merge_worker.py OUT_DIR MODE, MODE one of
   individual   each process its own mask; sum of the changes
   recompute    shared mask, recomputed after every merge from the Fisher over both halves
   uneven       rank 1 has fewer batches: every process must fail, none may hang
+  unsaveable   shared mask, checkpointed after every merge into OUT_DIR/checkpoints, which is a file: every
+               process must fail, none may hang
 Each process writes result{rank}.json (the merged model's digest, traffic); rank 0 saves the adapter in OUT_DIR/adapter.
 """
 
@@ -21,6 +23,8 @@ from peft import get_peft_model
 from fish_peft import FishConfig, compute_fisher_mask, random_mask
 from fish_peft.diff_merging import DiffMerger
 from fish_peft.distributed import tensors_digest
+from fish_peft.merge_checkpoints import MergeCheckpoints
+from fish_peft.rng_states import capture_rng
 from tests.models import example_inputs, tiny_bert
 
 NUM_EXAMPLES, STEPS, MERGE_EVERY, BATCH = 24, 6, 2, 2
@@ -62,9 +66,13 @@ def main(out: Path, mode: str) -> None:
         model, optimizer, merge_every=MERGE_EVERY, reduction="sum" if mode == "individual" else "mean",
         recompute_every=1 if recompute else None, recompute_mask=recompute,
     )
+    checkpoints = MergeCheckpoints(out / "checkpoints", steps_per_epoch=MERGE_EVERY, save_steps=None)
+    if mode == "unsaveable" and rank == 0:
+        (out / "checkpoints").write_text("not a folder")
     for _, batch in zip(range(STEPS), loader):
         train_one_batch(model, optimizer, batch)
-        merger.step()
+        if merger.step() and mode == "unsaveable":
+            checkpoints.save(merger, None, capture_rng())
     merger.finish()
     result = {
         "digest": tensors_digest({n: t for n, t in model.state_dict().items()}),
