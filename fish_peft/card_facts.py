@@ -26,6 +26,8 @@ from .validation import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, read_
 
 MASK_PLOT = "mask.png"
 CARD = "README.md"
+RECIPE = "recipe.yaml"
+RESULTS = "results.json"
 
 MASK_METHOD_TO_CARD = {"fisher": "fish", "scores": "fish", "random": "random", "magnitude": "magnitude", "bitfit": "bitfit"}
 # PEFT task type -> (Hub pipeline tag, transformers auto class of the base model)
@@ -71,8 +73,8 @@ def card_context(
     """The `render_model_card` context of a saved folder; the keyword arguments fill in or override what the
     folder's files say (a run's own `recipe.yaml` and `results.json` say most of it)."""
     folder = Path(folder)
-    recipe = _read_yaml(folder / "recipe.yaml")
-    results = _read_json(folder / "results.json")
+    recipe = _read_yaml(folder / RECIPE)
+    results = _read_json(folder / RESULTS)
     adapters = find_adapters(folder)
     full_model = not adapters and (folder / "config.json").is_file() and recipe.get("method") == "full"
     if (folder / "comparison.json").is_file():
@@ -110,7 +112,7 @@ def card_context(
         "metrics": metrics if metrics is not None else {k: v for k, v in split_metrics.items() if k not in ("loss", "epoch")},
         "mask_table": _mask_table(config) if fish else [],
         "plot_file": MASK_PLOT if (folder / MASK_PLOT).is_file() else None,
-        "recipe_yaml": (folder / "recipe.yaml").read_text() if recipe else None,
+        "recipe_yaml": (folder / RECIPE).read_text() if recipe else None,
         "license": license,
         "repo_id": repo_id,
         "mask_rule": describe_mask_rule(mask_info),

@@ -20,14 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import yaml
 from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .card_facts import ADAPTER_CONFIG, CARD, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
+from .card_facts import ADAPTER_CONFIG, CARD, RECIPE, RESULTS, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
 from .config import FishConfig
 from .model_card import is_hub_id
 
+LOCAL_PATH_KEYS = ("train_file", "validation_file", "output_dir")
 DEFAULT_COMMIT_MESSAGE = "Upload FISH sparse-diff adapter (fish-peft)"
 LOGIN_HELP = (
     "log in with `hf auth login` (or `huggingface_hub.login()` in Python) using a token with write access from "
@@ -70,6 +72,7 @@ def push_adapter(
         else:
             _stage_model(source, staging)
         _check_adapters(staging)
+        _hide_local_paths(staging, card.get("base_model"))
         context = write_model_card(staging, repo_id=repo_id, tags=tuple(tags or ()), **card)
         _point_configs_at(staging, context["base_model"])
         return _upload(staging, repo_id, token, private, revision, commit_message, commit_description, create_pr)
@@ -145,16 +148,43 @@ def _check_adapters(staging: Path) -> None:
             read_adapter_mask(staging / sub)
 
 
+def _hide_local_paths(staging: Path, base_model: Optional[str]) -> None:
+    """Keep this machine's paths out of the uploaded recipes and results (and so out of the card): files go by their
+    names, a local base model by the Hub id given for it, else by its folder's name."""
+    for sub in {"", *(sub for _, sub in find_adapters(staging))}:
+        recipe_path, results_path = staging / sub / RECIPE, staging / sub / RESULTS
+        if recipe_path.is_file():
+            recipe = yaml.safe_load(recipe_path.read_text())
+            if isinstance(recipe, dict):
+                recipe_path.write_text(yaml.safe_dump(_public_recipe(recipe, base_model), sort_keys=False))
+        if results_path.is_file():
+            results = json.loads(results_path.read_text())
+            if isinstance(results, dict) and isinstance(results.get("recipe"), dict):
+                results["recipe"] = _public_recipe(results["recipe"], base_model)
+                results["model"] = results["recipe"].get("model")
+                results_path.write_text(json.dumps(results, indent=2))
+
+
+def _public_recipe(recipe: dict, base_model: Optional[str]) -> dict:
+    public = dict(recipe)
+    for key in LOCAL_PATH_KEYS:
+        if isinstance(public.get(key), str):
+            public[key] = Path(public[key]).name
+    model = public.get("model")
+    if isinstance(model, str) and not is_hub_id(model):
+        public["model"] = base_model if is_hub_id(base_model) else f"{Path(model).name} (local folder)"
+    return public
+
+
 def _point_configs_at(staging: Path, base_model: str) -> None:
     """Name the base model by its Hub id in uploaded configs that name a local folder, so that
-    `AutoPeftModel.from_pretrained(repo_id)` can find it."""
-    if not is_hub_id(base_model):
-        return
+    `AutoPeftModel.from_pretrained(repo_id)` can find it; without a Hub id, name none rather than a path of this
+    machine."""
     for _, sub in find_adapters(staging):
         path = staging / sub / ADAPTER_CONFIG
         config = json.loads(path.read_text())
-        if not is_hub_id(config.get("base_model_name_or_path")):
-            config["base_model_name_or_path"] = base_model
+        if config.get("base_model_name_or_path") is not None and not is_hub_id(config["base_model_name_or_path"]):
+            config["base_model_name_or_path"] = base_model if is_hub_id(base_model) else None
             path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 

@@ -244,6 +244,10 @@ def test_fish_peft_push_of_a_run_folder_in_a_subprocess_with_hf_endpoint(hub, tm
 
     files = hub.files("alice/sst2-fish", revision="v2")
     assert SECRET.encode() not in b"".join(files.values())
+    assert str(tmp_path).encode() not in b"".join(files.values())  # no path of this machine is published
+    uploaded = yaml.safe_load(files["recipe.yaml"])
+    assert uploaded["model"] == "prajjwal1/bert-tiny" and uploaded["train_file"] == train.name
+    assert json.loads(files["results.json"])["recipe"] == uploaded
     assert {"adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "results.json", "mask.png", "README.md"} <= set(files)
     meta, body = front_matter(files["README.md"].decode())
     results = json.loads((out / "results.json").read_text())
@@ -288,3 +292,29 @@ def test_fish_peft_is_what_registers_the_push(hub):
     from peft import PeftModel as Peft
 
     assert getattr(Peft.push_to_hub, "_fish_peft", False) and fish_peft.push_adapter is push_adapter
+
+
+def test_a_local_base_model_and_data_files_are_published_by_name_not_by_path(hub, tmp_path):
+    from fish_peft.recipe import Recipe
+
+    folder, base = tmp_path / "run", tiny_bert()
+    model = fish_model(base)
+    model.save_pretrained(folder)
+    recipe = Recipe(task="custom", model=str(tmp_path / "models" / "my-bert"), output_dir=str(folder),
+                    train_file=str(tmp_path / "data" / "train.csv"), validation_file=str(tmp_path / "data" / "dev.csv"))
+    (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    (folder / "results.json").write_text(json.dumps({"model": recipe.model, "recipe": yaml.safe_load(recipe.to_yaml())}))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": recipe.model}))
+    before = snapshot(folder)
+    push_adapter(folder, "alice/local-run")
+    files = hub.files("alice/local-run")
+    assert str(tmp_path).encode() not in b"".join(files.values())
+    uploaded = yaml.safe_load(files["recipe.yaml"])
+    assert (uploaded["model"], uploaded["train_file"], uploaded["output_dir"]) == ("my-bert (local folder)", "train.csv", "run")
+    assert json.loads(files["results.json"])["model"] == "my-bert (local folder)"
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] is None
+    assert "base_model:" not in files["README.md"].decode().split("\n---\n")[0]  # not a Hub id: not in the metadata
+    assert snapshot(folder) == before  # the local folder keeps its paths
+    again = PeftModel.from_pretrained(copy.deepcopy(base), "alice/local-run").eval()
+    assert torch.equal(again(**inputs()).logits, model(**inputs()).logits)
