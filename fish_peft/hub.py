@@ -25,10 +25,14 @@ from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .card_facts import ADAPTER_CONFIG, CARD, RECIPE, RESULTS, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
+from .card_facts import ADAPTER_CONFIG, CARD, MASK_PLOT, RECIPE, RESULTS, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
 from .config import FishConfig
 from .model_card import is_hub_id
+from .validation import ADAPTER_WEIGHTS
 
+# What a push writes: those an earlier push left that this one does not write are removed in the same commit, so the
+# repository never mixes two versions (an adapter this push does not hold, the previous run's results and plot).
+PUBLISHED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", RECIPE, RESULTS, MASK_PLOT)
 LOCAL_PATH_KEYS = ("train_file", "validation_file", "output_dir")
 DEFAULT_COMMIT_MESSAGE = "Upload FISH sparse-diff adapter (fish-peft)"
 LOGIN_HELP = (
@@ -201,6 +205,7 @@ def _upload(staging, repo_id, token, private, revision, commit_message, commit_d
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
             commit_description=commit_description,
             create_pr=create_pr,
+            delete_patterns=[pattern for name in PUBLISHED_FILES for pattern in (name, f"*/{name}")],
         )
     except Exception as err:
         raise HubError(_failure_message(err, repo_id, token)) from None

@@ -318,3 +318,26 @@ def test_a_local_base_model_and_data_files_are_published_by_name_not_by_path(hub
     assert snapshot(folder) == before  # the local folder keeps its paths
     again = PeftModel.from_pretrained(copy.deepcopy(base), "alice/local-run").eval()
     assert torch.equal(again(**inputs()).logits, model(**inputs()).logits)
+
+
+def test_pushing_again_removes_what_the_earlier_push_wrote_and_this_one_does_not(hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    base = tiny_bert()
+    two = fish_model(base, seed=0)
+    two.add_adapter("other", FishConfig(mask=random_mask(base, 0.05, seed=5)))
+    folder = tmp_path / "run"
+    two.save_pretrained(folder)
+    (folder / "results.json").write_text(json.dumps({"metrics": {"validation": {"accuracy": 0.5}}}))
+    push_adapter(folder, "alice/replaced")
+    HfApi().upload_file(path_or_fileobj=b"my notes", path_in_repo="notes.md", repo_id="alice/replaced")
+    assert {"other/adapter_model.safetensors", "results.json", "notes.md"} <= set(hub.files("alice/replaced"))
+
+    one = fish_model(base, seed=3)
+    push_adapter(one, "alice/replaced", commit_message="one adapter")
+    files = hub.files("alice/replaced")
+    assert not [name for name in files if name.startswith("other/")] and "results.json" not in files
+    assert files["notes.md"] == b"my notes"  # what fish-peft does not write is left alone
+    assert "## Adapters in this repository" not in files["README.md"].decode()
+    again = PeftModel.from_pretrained(copy.deepcopy(base), "alice/replaced").eval()
+    assert torch.equal(again(**inputs()).logits, one(**inputs()).logits)
