@@ -6,7 +6,8 @@ Endpoints (model repos with "namespace/name" ids; every upload is "regular", nev
   POST /api/models/{id}/branch/{branch}         create_branch (409 when it exists)
   GET  /api/models/{id}/refs                    list_repo_refs
   POST /api/models/{id}/preupload/{branch}      first step of create_commit / upload_file / upload_folder
-  POST /api/models/{id}/commit/{branch}         NDJSON: header, file (base64), deletedFile, deletedFolder
+  POST /api/models/{id}/commit/{branch}         NDJSON: header, file (base64), deletedFile, deletedFolder;
+                                                ?create_pr=1 commits to a new refs/pr/N branched off {branch}
   GET  /api/models/{id}[/revision/{rev}]        model_info / repo_info / repo_exists / revision_exists
   GET  /api/models/{id}/tree/{rev}[/{path}]     list_repo_tree / list_repo_files
   HEAD|GET /{id}/resolve/{rev}/{path}           hf_hub_download / get_hf_file_metadata / file_exists
@@ -303,7 +304,7 @@ class FakeHub:
 
     def _preupload(self, user, req, repo_id, branch):
         repo = self._repo(user, repo_id, write=True)
-        if req.query:
+        if set(req.query) - {"create_pr"}:
             raise HubError(400, f"FakeHub does not support {sorted(req.query)}")
         head = self._history(repo, branch, branch_only=True)[-1]
         files = []
@@ -316,9 +317,13 @@ class FakeHub:
 
     def _commit(self, user, req, repo_id, branch):
         repo = self._repo(user, repo_id, write=True)
-        if req.query:
+        if set(req.query) - {"create_pr"}:
             raise HubError(400, f"FakeHub does not support {sorted(req.query)}")
         history = self._history(repo, branch, branch_only=True)
+        pull_request = None
+        if req.query.get("create_pr") in ("1", "true", "True"):  # a pull request: a new refs/pr/N off the branch
+            pull_request = sum(name.startswith("refs/pr/") for name in repo.branches) + 1
+            history = repo.branches[f"refs/pr/{pull_request}"] = list(history)
         items = [json.loads(line) for line in req.body.splitlines() if line.strip()]
         if not items or items[0]["key"] != "header":
             raise HubError(400, "Missing commit header")
@@ -342,7 +347,8 @@ class FakeHub:
         commit = self._new_commit(header["summary"], files)
         history.append(commit)
         url = f"{self.url}/{repo_id}/commit/{commit.oid}"
-        return _json({"success": True, "commitOid": commit.oid, "commitUrl": url, "pullRequestUrl": None})
+        pr_url = f"{self.url}/{repo_id}/discussions/{pull_request}" if pull_request else None
+        return _json({"success": True, "commitOid": commit.oid, "commitUrl": url, "pullRequestUrl": pr_url})
 
     def _model_info(self, user, req, repo_id, rev):
         repo = self._repo(user, repo_id)

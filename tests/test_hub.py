@@ -341,3 +341,16 @@ def test_pushing_again_removes_what_the_earlier_push_wrote_and_this_one_does_not
     assert "## Adapters in this repository" not in files["README.md"].decode()
     again = PeftModel.from_pretrained(copy.deepcopy(base), "alice/replaced").eval()
     assert torch.equal(again(**inputs()).logits, one(**inputs()).logits)
+
+
+def test_create_pr_proposes_the_new_adapter_and_leaves_main_alone(hub):
+    base = tiny_bert()
+    model = fish_model(base, seed=0)
+    push_adapter(model, "alice/proposed")
+    main_files = hub.files("alice/proposed")
+    randomise(model, seed=4)
+    info = push_adapter(model, "alice/proposed", create_pr=True, commit_message="retrained")
+    assert info.pr_revision == "refs/pr/1" and info.pr_url.endswith("/alice/proposed/discussions/1")
+    assert hub.files("alice/proposed") == main_files
+    proposed = PeftModel.from_pretrained(copy.deepcopy(base), "alice/proposed", revision=info.pr_revision).eval()
+    assert torch.equal(proposed(**inputs()).logits, model(**inputs()).logits)
