@@ -150,7 +150,9 @@ def compare_command(args, overrides) -> int:
     recipe = load_recipe(args.recipe, overrides)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(recipe.methods)
     recipe = dataclasses.replace(recipe, methods=methods)
-    print(compare(recipe, overwrite=args.overwrite))
+    table = compare(recipe, overwrite=args.overwrite)
+    if table:
+        print(table)
     return 0
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .distributed import rank_and_world
 from .recipe import Recipe
 from .training import run, write_json
 
 
 def compare(recipe: Recipe, overwrite: bool = False) -> str:
-    """Run every method of `recipe.methods`; write comparison.json and comparison.md; return the markdown table."""
-    rows = []
-    for method in recipe.methods:
-        results = run(recipe.for_method(method), overwrite=overwrite)
-        rows.append(summary_row(results))
+    """Run every method of `recipe.methods`; write comparison.json and comparison.md; return the markdown table.
+    In several processes (`accelerate launch`) every process trains and the first writes and returns the
+    comparison (the others return "")."""
+    runs = [run(recipe.for_method(method), overwrite=overwrite) for method in recipe.methods]
+    if rank_and_world()[0] != 0:
+        return ""
+    rows = [summary_row(results) for results in runs]
     out = Path(recipe.output_dir)
     table = markdown_table(rows)
     write_json(out / "comparison.json", {"task": recipe.task, "model": recipe.model, "rows": rows})

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
-from tests.distributed_launch import launch, train_sst2_in_two_processes
+from tests.distributed_launch import ROOT, launch, train_sst2_in_two_processes
 from tests.models import tiny_bert
 from tests.workers.ddp_worker import STEPS, peft_model, train_loop, train_trainer
 
@@ -88,6 +88,25 @@ def test_fish_peft_train_runs_in_two_processes_and_the_first_writes_the_run(tmp_
     reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2), out)
     assert reloaded.peft_config["default"].sparse_parameters == json.loads((out / "adapter_config.json").read_text())["sparse_parameters"]
     assert not list(out.glob(".saving-*")) and not (out / "checkpoints").exists()
+
+
+def test_fish_peft_compare_runs_in_two_processes_and_the_first_writes_the_comparison(tmp_path):
+    from tests.glue_files import WORDS, write_glue_files
+    from tests.models import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny-bert", WORDS)
+    train, validation = write_glue_files("sst2", tmp_path)
+    out = tmp_path / "comparison"
+    run = launch(
+        "cli_worker.py", "compare", ROOT / "recipes" / "glue" / "sst2.yaml", "--methods", "fish,lora", "--model",
+        checkpoint, "--train-file", train, "--validation-file", validation, "--epochs", "1", "--batch-size", "4",
+        "--num-samples", "8", "--max-length", "32", "--output-dir", out,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("| method |") == 1  # one table, from the first process
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["fish", "lora"] and all(row["adapter_bytes"] > 0 for row in rows)
+    assert all(json.loads((out / m / "results.json").read_text())["processes"] == 2 for m in ("fish", "lora"))
 
 
 @pytest.mark.parametrize("rule", ["sparse_momentum", "topkast"])
