@@ -187,8 +187,10 @@ def _point_configs_at(staging: Path, base_model: str) -> None:
     for _, sub in find_adapters(staging):
         path = staging / sub / ADAPTER_CONFIG
         config = json.loads(path.read_text())
-        if config.get("base_model_name_or_path") is not None and not is_hub_id(config["base_model_name_or_path"]):
-            config["base_model_name_or_path"] = base_model if is_hub_id(base_model) else None
+        named = config.get("base_model_name_or_path")
+        public = base_model if is_hub_id(base_model) else None
+        if not is_hub_id(named) and named != public:
+            config["base_model_name_or_path"] = public
             path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 

@@ -346,8 +346,9 @@ def test_pushing_again_removes_what_the_earlier_push_wrote_and_this_one_does_not
 def test_create_pr_proposes_the_new_adapter_and_leaves_main_alone(hub):
     base = tiny_bert()
     model = fish_model(base, seed=0)
-    push_adapter(model, "alice/proposed")
+    push_adapter(model, "alice/proposed", base_model="prajjwal1/bert-tiny")
     main_files = hub.files("alice/proposed")
+    assert json.loads(main_files["adapter_config.json"])["base_model_name_or_path"] == "prajjwal1/bert-tiny"
     randomise(model, seed=4)
     info = push_adapter(model, "alice/proposed", create_pr=True, commit_message="retrained")
     assert info.pr_revision == "refs/pr/1" and info.pr_url.endswith("/alice/proposed/discussions/1")
