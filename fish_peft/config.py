@@ -38,6 +38,8 @@ class FishConfig(PeftConfig):
         prune_rate: fraction of the entries replaced at the first update, decayed along a cosine to 0 (sparse
             momentum: of each parameter's entries; Top-KAST: of its exploration entries).
         exploration: Top-KAST's backward set holds (1 + exploration) * k entries (M/D in the paper).
+        init_weights: `True` starts the diff at zero (the adapted model equals the base model); `False` starts it
+            at small random values, for tests that must see an adapter act (as LoRA's `init_lora_weights=False`).
         penalty: λ of Top-KAST's exploration penalty. 1e-2 by default: with a diff's tiny density D, λ/D = 2 at 0.5 %
             keeps exploration entries small until their gradient is steady (1e-4 made training unstable under Adam).
     """
@@ -62,6 +64,9 @@ class FishConfig(PeftConfig):
     prune_rate: float = field(default=0.5, metadata={"help": "Fraction of entries replaced at the first update."})
     exploration: float = field(default=1.0, metadata={"help": "Top-KAST: exploration entries per forward entry."})
     penalty: float = field(default=1e-2, metadata={"help": "Top-KAST: λ of the exploration penalty."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: Δ starts at zero; False: small random values (for tests)."}
+    )
     mask_info: dict = field(default_factory=dict, metadata={"help": "How the mask was chosen (method, keep ratio)."})
     # PEFT's injection code reads `target_modules`; FISH targets exactly the modules owning `sparse_parameters`.
     target_modules: Optional[Union[list[str], str]] = field(default=None, repr=False)
@@ -147,11 +152,3 @@ class FishConfig(PeftConfig):
             raise ValueError(f"FishConfig: exploration must be > 0 (Top-KAST's M/D), got {self.exploration!r}.")
         if not self.penalty >= 0:
             raise ValueError(f"FishConfig: penalty must be >= 0, got {self.penalty!r}.")
-
-    def module_parameters(self) -> dict[str, list[str]]:
-        """Adapted parameters grouped by the module that owns them: {module name: [parameter attribute names]}."""
-        grouped: dict[str, list[str]] = {}
-        for name in self.sparse_parameters:
-            module, _, attr = name.rpartition(".")
-            grouped.setdefault(module, []).append(attr)
-        return grouped

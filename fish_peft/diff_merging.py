@@ -373,12 +373,12 @@ def _wrap_new_modules(model: nn.Module, config: FishConfig, adapter: str) -> Non
     from peft.tuners.tuners_utils import _get_submodules
 
     from .layer import FishLayer
-    from .model import _module_indices
+    from .model import _module_indices, adapted_modules
 
     tuner = model.base_model
-    for module_name, attrs in config.module_parameters().items():
+    for module_name, attrs in adapted_modules(tuner.model, config.sparse_parameters).items():
         parent, target, target_name = _get_submodules(tuner.model, module_name)
-        indices = _module_indices(config, module_name)
+        indices = _module_indices(config, module_name, attrs)
         if isinstance(target, FishLayer):
             target.add_parameters(adapter, {a: idx for a, idx in indices.items() if a not in target.adapted_parameters(adapter)})
         else:

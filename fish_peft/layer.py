@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
@@ -16,6 +17,25 @@ from .communication import Traffic, with_averaged_gradient
 def index_dtype(numel: int) -> torch.dtype:
     """int32 indices (4 bytes) wherever they fit, which is every parameter below 2**31 entries."""
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def storage_key(param_name: str) -> str:
+    """The key under which a parameter's entries are stored in the layer's dicts: PyTorch refuses '.' in names,
+    and a layer may adapt parameters of its base module's submodules ('out_proj.weight')."""
+    return param_name.replace(".", "/")
+
+
+def parameter_name(key: str) -> str:
+    """Inverse of `storage_key`: the parameter's path relative to the layer's base module."""
+    return key.replace("/", ".")
+
+
+def nan_merge_error(adapter_name: str, param_name: str) -> ValueError:
+    """PEFT's own wording for a merge that would write NaN/inf, which tools and users match on."""
+    return ValueError(
+        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken "
+        f"(its diff of '{param_name}' is not finite); nothing was merged."
+    )
 
 
 class _ExplorationGradient(torch.autograd.Function):
@@ -46,12 +66,15 @@ class _Wrapper(nn.Module):
 
 
 class FishLayer(_Wrapper, BaseTunerLayer):
-    """Wraps any module and adds sparse diffs Δ to its own parameters: the forward runs with W + Δ.
+    """Wraps any module and adds sparse diffs Δ to parameters of that module: the forward runs with W + Δ.
 
-    Per adapter and adapted parameter it holds a trainable 1-D tensor of values (`fish_values[adapter][param]`)
-    and a non-trainable buffer of sorted flat indices (`fish_indices[adapter][param]`). The base parameters stay
-    frozen, so optimizer state is proportional to the number of values. Works for Linear, Embedding, GPT-2 Conv1D,
-    LayerNorm/RMSNorm and any module whose direct parameters the mask names, because the forward is the wrapped
+    Per adapter and adapted parameter it holds a trainable 1-D tensor of values and a non-trainable buffer of sorted
+    flat indices (`values(adapter, name)`, `indices(adapter, name)`; stored in `fish_values` / `fish_indices` under
+    `storage_key(name)`). A parameter is named by its path relative to the wrapped module: usually its own
+    ('weight'), or a submodule's ('out_proj.weight') where the wrapped module's forward reads that submodule's
+    parameter directly (`nn.MultiheadAttention`) or where a module and its submodule both hold adapted parameters
+    (ViT's embeddings). The base parameters stay frozen, so optimizer state is proportional to the number of values.
+    Works for Linear, Embedding, Conv, GPT-2 Conv1D, norms and any other module, because the forward is the wrapped
     module's own forward called with substituted parameters.
 
     While a Top-KAST diff trains, `fish_explore_values` / `fish_explore_indices` hold its exploration entries: they
@@ -68,7 +91,14 @@ class FishLayer(_Wrapper, BaseTunerLayer):
     adapter_layer_names = ("fish_values", "fish_explore_values")
     other_param_names = ("fish_indices", "fish_explore_indices")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: dict[str, torch.Tensor], evolving: bool = False):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        indices: dict[str, torch.Tensor],
+        evolving: bool = False,
+        init_weights: bool = True,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.fish_values = nn.ModuleDict()
@@ -82,48 +112,77 @@ class FishLayer(_Wrapper, BaseTunerLayer):
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self._active_adapter = adapter_name
         self.evolving_adapters: set[str] = set()
-        self.update_layer(adapter_name, indices, evolving)
+        self.in_features, self.out_features = _in_out_features(base_layer)
+        self.update_layer(adapter_name, indices, evolving, init_weights)
 
-    def update_layer(self, adapter_name: str, indices: dict[str, torch.Tensor], evolving: bool = False) -> None:
-        """Add adapter `adapter_name` with zero-initialised values at `indices` ({param attribute: flat indices});
-        `evolving` for an adapter whose support moves while it trains (`FishConfig.mask_update`)."""
+    def update_layer(
+        self, adapter_name: str, indices: dict[str, torch.Tensor], evolving: bool = False, init_weights: bool = True
+    ) -> None:
+        """Add adapter `adapter_name` with values at `indices` ({parameter name: flat indices}), zero unless
+        `init_weights=False` (small random values, for tests that must see the adapter act); `evolving` for an
+        adapter whose support moves while it trains (`FishConfig.mask_update`)."""
         if evolving:
             self.evolving_adapters.add(adapter_name)
         else:
             self.evolving_adapters.discard(adapter_name)
         self.fish_values[adapter_name] = nn.ParameterDict()
         self.fish_indices[adapter_name] = BufferDict(persistent=True)
-        self.add_parameters(adapter_name, indices)
+        self.add_parameters(adapter_name, indices, init_weights)
 
-    def add_parameters(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
-        """Let adapter `adapter_name` also change these parameters, with zero-initialised values at `indices`."""
+    def base_parameter(self, param_name: str) -> torch.Tensor:
+        """The wrapped module's parameter `param_name` ('weight', 'out_proj.weight')."""
+        module_name, _, attr = param_name.rpartition(".")
+        return getattr(self.get_base_layer().get_submodule(module_name), attr)
+
+    def values(self, adapter_name: str, param_name: str) -> nn.Parameter:
+        return self.fish_values[adapter_name][storage_key(param_name)]
+
+    def indices(self, adapter_name: str, param_name: str) -> torch.Tensor:
+        return self.fish_indices[adapter_name][storage_key(param_name)]
+
+    def set_entries(self, adapter_name: str, param_name: str, indices: torch.Tensor, values: nn.Parameter) -> None:
+        """Replace the entries of one adapted parameter (an evolving diff's update)."""
+        weight = self.base_parameter(param_name)
+        self.fish_indices[adapter_name][storage_key(param_name)] = indices.to(weight.device, index_dtype(weight.numel()))
+        self.fish_values[adapter_name][storage_key(param_name)] = values
+
+    def add_parameters(self, adapter_name: str, indices: dict[str, torch.Tensor], init_weights: bool = True) -> None:
+        """Let adapter `adapter_name` also change these parameters, with values at `indices` (see `update_layer`).
+        Values take the weight's dtype, as PEFT's methods do; PEFT then upcasts float16/bfloat16 to float32 unless
+        `autocast_adapter_dtype=False`."""
         base = self.get_base_layer()
-        own = dict(base.named_parameters(recurse=False))
+        own = dict(base.named_parameters())
         unknown = [name for name in indices if name not in own]
         if unknown:
-            raise ValueError(f"{type(base).__name__} has no parameter '{unknown[0]}' of its own to adapt.")
+            raise ValueError(f"{type(base).__name__} has no parameter '{unknown[0]}' to adapt.")
+        existing = list(self.fish_values[adapter_name].values())
         # The module's own parameter order, whatever order the mask lists them in: the optimizer's state is saved
         # and resumed by position, and a mask read back from a file lists its parameters sorted by name.
         for param_name in (name for name in own if name in indices):
             idx, weight = indices[param_name], own[param_name]
-            self.fish_values[adapter_name][param_name] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
-            self.fish_indices[adapter_name][param_name] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
+            dtype = existing[0].dtype if existing else (weight.dtype if weight.is_floating_point() else torch.float32)
+            values = torch.zeros(idx.numel(), dtype=dtype, device=weight.device)
+            if not init_weights:
+                values.normal_(std=0.1 * float(weight.detach().float().std().nan_to_num()) + 0.02)
+            self.fish_values[adapter_name][storage_key(param_name)] = nn.Parameter(values)
+            self.fish_indices[adapter_name][storage_key(param_name)] = idx.to(
+                device=weight.device, dtype=index_dtype(weight.numel())
+            )
         self.set_adapter(self.active_adapters)
 
     def remove_parameter(self, adapter_name: str, param_name: str) -> None:
         """Adapter `adapter_name` no longer changes `param_name`."""
-        del self.fish_values[adapter_name][param_name]
-        del self.fish_indices[adapter_name][param_name]
+        del self.fish_values[adapter_name][storage_key(param_name)]
+        del self.fish_indices[adapter_name][storage_key(param_name)]
 
     def set_exploration(self, adapter_name: str, indices: dict[str, torch.Tensor]) -> None:
-        """Give adapter `adapter_name` zero-initialised exploration entries at `indices` ({param attribute: flat
+        """Give adapter `adapter_name` zero-initialised exploration entries at `indices` ({param name: flat
         indices}, disjoint from the adapter's own)."""
-        base = self.get_base_layer()
         values, buffers = {}, {}
         for param_name, idx in indices.items():
-            weight = getattr(base, param_name)
-            values[param_name] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
-            buffers[param_name] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
+            weight = self.base_parameter(param_name)
+            values[storage_key(param_name)] = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
+            buffers[storage_key(param_name)] = idx.to(device=weight.device, dtype=index_dtype(weight.numel()))
         self.fish_explore_values[adapter_name] = nn.ParameterDict(values)
         self.fish_explore_indices[adapter_name] = BufferDict(buffers, persistent=False)
         self.set_adapter(self.active_adapters)
@@ -132,42 +191,43 @@ class FishLayer(_Wrapper, BaseTunerLayer):
         """Before the values and indices load (children load after their parent), give an evolving adapter's
         entries the count the state dict holds."""
         for adapter_name in self.evolving_adapters & set(self.fish_values.keys()):
-            for param_name, values in self.fish_values[adapter_name].items():
-                new_values = state_dict.get(f"{prefix}fish_values.{adapter_name}.{param_name}")
-                new_indices = state_dict.get(f"{prefix}fish_indices.{adapter_name}.{param_name}")
+            for key, values in self.fish_values[adapter_name].items():
+                new_values = state_dict.get(f"{prefix}fish_values.{adapter_name}.{key}")
+                new_indices = state_dict.get(f"{prefix}fish_indices.{adapter_name}.{key}")
                 if new_values is None or new_indices is None or new_values.dim() != 1 or new_indices.shape != new_values.shape:
                     continue
                 if new_values.numel() != values.numel():
                     values.data = values.data.new_zeros(new_values.numel())
                     values.grad = None
-                    old = self.fish_indices[adapter_name][param_name]
-                    self.fish_indices[adapter_name][param_name] = old.new_zeros(new_indices.numel())
+                    old = self.fish_indices[adapter_name][key]
+                    self.fish_indices[adapter_name][key] = old.new_zeros(new_indices.numel())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapted_parameters(self, adapter_name: str) -> list[str]:
-        return list(self.fish_values[adapter_name].keys()) if adapter_name in self.fish_values else []
+        """The names (relative to the wrapped module) of the parameters adapter `adapter_name` changes."""
+        return [parameter_name(key) for key in self.fish_values[adapter_name]] if adapter_name in self.fish_values else []
 
     def effective_parameters(self) -> dict[str, torch.Tensor]:
         """W + Σ Δ over the active adapters, for every parameter an active adapter touches."""
-        base = self.get_base_layer()
         effective: dict[str, torch.Tensor] = {}
         for adapter_name in self.active_adapters:
             for param_name in self.adapted_parameters(adapter_name):
-                weight = getattr(base, param_name)
+                weight = self.base_parameter(param_name)
                 flat = effective.get(param_name, weight.reshape(-1))
-                values = self._trained(self.fish_values[adapter_name][param_name]).to(weight.dtype)
-                effective[param_name] = flat.index_add(0, self.fish_indices[adapter_name][param_name], values)
-                if adapter_name in self.fish_explore_values and param_name in self.fish_explore_values[adapter_name]:
+                values = self._trained(self.values(adapter_name, param_name)).to(weight.dtype)
+                effective[param_name] = flat.index_add(0, self.indices(adapter_name, param_name), values)
+                explore = self.fish_explore_values[adapter_name] if adapter_name in self.fish_explore_values else {}
+                if storage_key(param_name) in explore:
                     effective[param_name] = _ExplorationGradient.apply(
                         effective[param_name],
-                        self._trained(self.fish_explore_values[adapter_name][param_name]),
-                        self.fish_explore_indices[adapter_name][param_name],
+                        self._trained(explore[storage_key(param_name)]),
+                        self.fish_explore_indices[adapter_name][storage_key(param_name)],
                     )
         if self.captured_gradients is not None:
             for name, flat in effective.items():
                 if flat.requires_grad:
                     flat.register_hook(self._gradient_collector(name))
-        return {name: flat.view_as(getattr(base, name)) for name, flat in effective.items()}
+        return {name: flat.view_as(self.base_parameter(name)) for name, flat in effective.items()}
 
     def _trained(self, values: nn.Parameter) -> torch.Tensor:
         return values if self.gradient_traffic is None else with_averaged_gradient(values, self.gradient_traffic)
@@ -183,43 +243,38 @@ class FishLayer(_Wrapper, BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The dense Δ of every parameter adapter `adapter_name` touches."""
-        base = self.get_base_layer()
         deltas = {}
         for param_name in self.adapted_parameters(adapter_name):
-            weight = getattr(base, param_name)
+            weight = self.base_parameter(param_name)
             delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
-            delta[self.fish_indices[adapter_name][param_name].long()] = (
-                self.fish_values[adapter_name][param_name].detach().to(weight.dtype)
-            )
+            delta[self.indices(adapter_name, param_name).long()] = self.values(adapter_name, param_name).detach().to(weight.dtype)
             deltas[param_name] = delta.view_as(weight)
         return deltas
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write W + Δ into the base parameters. The overwritten entries are kept, so `unmerge` restores W exactly."""
-        base = self.get_base_layer()
         for adapter_name in check_adapters_to_merge(self, adapter_names):
             if adapter_name not in self.fish_values:
                 continue
             backup, merged = {}, {}
             for param_name in self.adapted_parameters(adapter_name):
-                flat = getattr(base, param_name).data.view(-1)
-                idx = self.fish_indices[adapter_name][param_name].long()
+                flat = self.base_parameter(param_name).data.view(-1)
+                idx = self.indices(adapter_name, param_name).long()
                 backup[param_name] = flat[idx].clone()
-                merged[param_name] = backup[param_name] + self.fish_values[adapter_name][param_name].detach().to(flat.dtype)
+                merged[param_name] = backup[param_name] + self.values(adapter_name, param_name).detach().to(flat.dtype)
                 if safe_merge and not torch.isfinite(merged[param_name]).all():
-                    raise ValueError(f"Merging adapter '{adapter_name}' would put NaN/inf into '{param_name}'; nothing was merged.")
+                    raise nan_merge_error(adapter_name, param_name)
             for param_name, new in merged.items():
-                getattr(base, param_name).data.view(-1)[self.fish_indices[adapter_name][param_name].long()] = new
+                self.base_parameter(param_name).data.view(-1)[self.indices(adapter_name, param_name).long()] = new
             self._merge_backup[adapter_name] = backup
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
-        base = self.get_base_layer()
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             for param_name, original in self._merge_backup.pop(adapter_name).items():
-                idx = self.fish_indices[adapter_name][param_name].long()
-                getattr(base, param_name).data.view(-1)[idx] = original
+                idx = self.indices(adapter_name, param_name).long()
+                self.base_parameter(param_name).data.view(-1)[idx] = original
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters and self.merged:
@@ -233,6 +288,16 @@ class FishLayer(_Wrapper, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "fish." + super().__repr__()
+
+
+def _in_out_features(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """`in_features` / `out_features` as PEFT's layers expose them (None for modules without such sizes)."""
+    try:
+        with warnings.catch_warnings():  # PEFT warns about module types LoRA does not support (norms): not ours
+            warnings.simplefilter("ignore")
+            return _get_in_out_features(module)
+    except ValueError:  # PEFT refuses MultiheadAttention with different key/value sizes
+        return None, None
 
 
 class FishTiedLayer(_Wrapper, BaseTunerLayer):

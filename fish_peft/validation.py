@@ -13,8 +13,10 @@ import torch
 from safetensors import safe_open
 
 from .config import FishConfig
+from .layer import storage_key
 from .masks import FishMask
 from .packing import PACKED_KEYS, PackingError, unpack
+from .selection import base_named_parameters, in_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -75,11 +77,11 @@ def check_head_shapes(given: dict[str, tuple[int, ...]], model, config: FishConf
     """The file's full tensors must be exactly the parameters of the model's `modules_to_save` (the head), with
     their shapes: PEFT itself fails with a bare KeyError on a missing one, after it has changed the model."""
     heads = tuple(config.modules_to_save or ())
-    expected = {}
-    for module_name, module in model.named_modules():
-        if module_name and any(module_name == h or module_name.endswith(f".{h}") for h in heads):
-            for param_name, param in module.named_parameters():
-                expected[f"base_model.model.{module_name}.{param_name}"] = tuple(param.shape)
+    expected = {
+        f"base_model.model.{name}": tuple(param.shape)
+        for name, param in base_named_parameters(model)
+        if in_modules(name, heads)
+    }
     if given.keys() != expected.keys():
         missing, unknown = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
         raise AdapterFileError(
@@ -103,20 +105,24 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def unpack_adapter_state_dict(
-    state_dict: dict[str, torch.Tensor], model_shapes: dict[str, tuple[int, ...]], config: FishConfig, adapter_name: str
+    state_dict: dict[str, torch.Tensor],
+    model_shapes: dict[str, tuple[int, ...]],
+    config: FishConfig,
+    adapter_name: str,
+    owners: dict[str, tuple[str, str]],
 ) -> dict[str, torch.Tensor]:
     """Checkpoint tensors -> model-keyed tensors for `load_state_dict`, or `AdapterFileError`.
 
-    Besides `check_adapter_tensors`, every other tensor must be one the model has, with the model's shape (the head
-    in `modules_to_save`).
+    `owners` says where each adapted parameter's entries live: {parameter name: (layer's module name, parameter
+    name relative to it)}. Besides `check_adapter_tensors`, every other tensor must be one the model has, with the
+    model's shape (the head in `modules_to_save`).
     """
     entries = check_adapter_tensors(state_dict, config)
-    prefix = "base_model.model." if any(k.startswith("base_model.model.") for k in model_shapes) else ""
     result = {}
     for name, (indices, values) in entries.items():
-        module, _, attr = name.rpartition(".")
-        result[f"{prefix}{module}.fish_indices.{adapter_name}.{attr}"] = indices
-        result[f"{prefix}{module}.fish_values.{adapter_name}.{attr}"] = values
+        module, attr = owners[name]
+        result[f"{module}.fish_indices.{adapter_name}.{storage_key(attr)}"] = indices
+        result[f"{module}.fish_values.{adapter_name}.{storage_key(attr)}"] = values
     for key, tensor in state_dict.items():
         if key in PACKED_KEYS:
             continue

@@ -75,7 +75,12 @@ def test_evolving_diffs_under_ddp_agree_on_every_rank_and_with_one_process(tmp_p
     assert results[0]["engine_traffic"]["diff gradients"]["bytes"] > 0
 
 
-def test_processes_with_different_masks_are_stopped_when_ddp_wraps_the_model(tmp_path):
+def test_reading_the_ddp_ignore_list_on_one_process_only_does_not_hang(tmp_path):
+    results = run_workers(tmp_path, "touch")
+    assert results[0]["ignored"] > 0 and results[0]["adapter_digest"] == results[1]["adapter_digest"]
+
+
+def test_processes_with_different_masks_are_stopped_when_ddp_trains_the_model(tmp_path):
     run = launch("ddp_worker.py", tmp_path, "mismatch", timeout=180)
     assert run.returncode != 0
     assert "ProcessMismatchError: The FISH mask (the adapters' indices) differs between processes" in run.stderr

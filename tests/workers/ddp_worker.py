@@ -6,7 +6,9 @@ usage: ddp_worker.py OUT_DIR MODE, MODE one of
   trainer           fixed mask, transformers.Trainer
   topkast           Top-KAST diff, a plain Accelerate loop, mask updates every 2 steps
   sparse_momentum   sparse-momentum diff, likewise (parameter lengths change at every update)
-  mismatch          rank 1 holds another mask: DDP's wrapping must refuse it
+  mismatch          rank 1 holds a mask with the same counts, other indices: the first training forward under
+                    DDP must refuse it
+  touch             rank 0 alone reads the DDP ignore list (no collective may hide there), then both train
 Each process writes result{rank}.json: its adapter's digest, the mask digests after each update, and the bytes
 it communicated; rank 0 also saves the adapter in OUT_DIR/adapter.
 """
@@ -41,7 +43,9 @@ def peft_model(mode: str, mask_seed: int = 0):
     model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     mask_update = mode if mode in ("topkast", "sparse_momentum") else None
     eligible = r"^(?!.*attention\.self\.key\.bias)" if mask_update else None
-    mask = random_mask(model, keep_ratio=0.05, seed=mask_seed, eligible=eligible)
+    # per_module: the same counts whatever the seed, so only the indices differ (what DDP itself cannot see)
+    selection = "per_module" if mode == "mismatch" else "global"
+    mask = random_mask(model, keep_ratio=0.05, seed=mask_seed, eligible=eligible, selection=selection)
     return get_peft_model(model, FishConfig(mask=mask, mask_update=mask_update, update_every=2, penalty=1e-3))
 
 
@@ -89,7 +93,12 @@ def main(out: Path, mode: str) -> None:
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     result = {}
-    if mode == "trainer":
+    if mode == "touch":
+        model = peft_model("loop")
+        if rank == 0:
+            result["ignored"] = len(model.base_model._ddp_params_and_buffers_to_ignore)
+        model, *_ = train_loop("loop", accelerator, 2, model)
+    elif mode == "trainer":
         model = train_trainer(out, batch_size=2)
     else:
         model, engine, traffic, digests = train_loop(mode, accelerator, 2, model)
