@@ -10,7 +10,7 @@ from .fisher import compute_fisher
 from .hub import HubError, push_adapter
 from .layer import FishLayer
 from .masks import FishMask
-from .model import FishModel
+from .model import FishModel, ShardedParametersError
 from .selection import bias_mask, compute_fisher_mask, magnitude_mask, mask_from_scores, random_mask
 from .validation import AdapterFileError, allow_nonfinite
 
@@ -33,4 +33,5 @@ __all__ = [
     "mask_from_scores",
     "push_adapter",
     "random_mask",
+    "ShardedParametersError",
 ]
