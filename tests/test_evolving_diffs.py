@@ -171,7 +171,10 @@ def test_topkast_penalty_matches_hand_computation():
     assert float(engine.penalty_value()) == pytest.approx(0.01 / 2 * (k * 0.25 + m * 0.0625 / density), rel=1e-5)
     entry = engine.entries[0]
     explore = engine.exploration_values(entry)
+    engine.bind(torch.optim.SGD(trainable(model), lr=0.1))
     (entry.values.sum() * 0 + explore.sum() * 0).backward()  # zero loss: gradients are the penalty's alone
+    assert not entry.values.grad.any() and not explore.grad.any()  # ... which joins at the optimizer step
+    engine.optimizer.step()
     assert_close(entry.values.grad, torch.full_like(entry.values, 0.01 * 0.5))
     assert_close(explore.grad, torch.full_like(explore, 0.01 * 0.25 / density))
 

@@ -126,6 +126,9 @@ def _dense_reference(case: str, peft_model, adapter: str = "default") -> nn.Modu
     reference = _base(case)
     params = dict(reference.named_parameters())
     with torch.no_grad():
+        for name, param in peft_model.base_model.model.named_parameters():  # the head, trained in full
+            if f".modules_to_save.{adapter}." in name:
+                params[name.replace(f".modules_to_save.{adapter}.", ".")].copy_(param)
         for module_name, module in peft_model.base_model.model.named_modules():
             if isinstance(module, FishLayer):
                 for attr in module.adapted_parameters(adapter):
@@ -281,3 +284,28 @@ def test_multihead_attention_out_proj_diff_reaches_the_forward():
     assert layer.adapted_parameters("default") == ["out_proj.weight"]
     assert layer.values("default", "out_proj.weight").grad.abs().sum() > 0
     torch.testing.assert_close(_out(copy.deepcopy(model).merge_and_unload(), _inputs("mha")), out)
+
+
+@pytest.mark.parametrize("rule", ["topkast", "sparse_momentum"])
+@pytest.mark.parametrize("case", ["mha", "vit"])
+def test_evolving_diffs_move_entries_of_parameters_adapted_around_a_parent(case, rule):
+    """out_proj.weight of MultiheadAttention and ViT's patch projection live in their parent's layer under dotted
+    names; the engines' updates must find, move and save them like any other."""
+    from fish_peft.sparse import evolving_diff_engine
+
+    base = _base(case)
+    model = get_peft_model(base, _config(base, mask_update=rule, update_every=1))
+    engine = evolving_diff_engine(model, total_steps=3)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    before = {n: b.clone() for n, b in model.named_buffers() if ".fish_indices." in n}
+    model.train()
+    for _ in range(3):
+        _out(model, _inputs(case)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.step(optimizer)
+    assert engine.updates >= 2
+    moved = [n for n, b in model.named_buffers() if ".fish_indices." in n and not torch.equal(b, before[n])]
+    assert any("/" in n for n in moved), moved  # a dotted parameter's entries moved too
+    model.eval()
+    torch.testing.assert_close(_out(model, _inputs(case)), _out(_dense_reference(case, model), _inputs(case)), atol=1e-5, rtol=1e-5)

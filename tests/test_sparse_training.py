@@ -62,9 +62,10 @@ def test_topkast_forward_is_a_dense_layer_with_the_a_masked_weights(builder, ima
         assert bool((engine.backward_masks()[weight.name] >= masks[weight.name]).all())
 
 
-def test_topkast_gradients_reach_b_only_and_carry_the_exploration_penalty():
+def test_topkast_gradients_reach_b_only_and_the_step_adds_the_exploration_penalty():
     model, reference = mlp(), mlp()
-    engine = TopKAST(model, forward_density=0.1, backward_density=0.3, penalty=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = TopKAST(model, optimizer, forward_density=0.1, backward_density=0.3, penalty=0.01)
     masks, backward = engine.masks(), engine.backward_masks()
     with torch.no_grad():
         for weight in engine.weights:
@@ -72,14 +73,18 @@ def test_topkast_gradients_reach_b_only_and_carry_the_exploration_penalty():
     x, y = batch()
     nn.functional.cross_entropy(model(x), y).backward()
     nn.functional.cross_entropy(reference(x), y).backward()
+    penalty_grads = {}
     for weight in engine.weights:
+        torch.testing.assert_close(weight.parameter.grad, reference.get_parameter(weight.name).grad * backward[weight.name])
         theta = weight.parameter.detach().clone().requires_grad_(True)
         a, b, d = masks[weight.name], backward[weight.name], engine.densities[weight.name]
         penalty = 0.01 / 2 * ((theta[a] ** 2).sum() + (theta[b & ~a] ** 2).sum() / d)
-        (penalty_grad,) = torch.autograd.grad(penalty, theta)
-        expected = reference.get_parameter(weight.name).grad * b + penalty_grad
+        (penalty_grads[weight.name],) = torch.autograd.grad(penalty, theta)
+    optimizer.step()  # the penalty's gradient joins just before the step
+    for weight in engine.weights:
+        expected = reference.get_parameter(weight.name).grad * backward[weight.name] + penalty_grads[weight.name]
         torch.testing.assert_close(weight.parameter.grad, expected)
-        assert bool((weight.parameter.grad[~b] == 0).all())
+        assert bool((weight.parameter.grad[~backward[weight.name]] == 0).all())
 
 
 def test_topkast_penalty_value_matches_a_hand_computation():

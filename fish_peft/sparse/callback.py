@@ -15,7 +15,8 @@ ENGINE_STATE = "fish_engine_state.pt"
 
 
 class SparseTrainingCallback(TrainerCallback):
-    """Runs `engine.step()` after each optimizer step of a Trainer, with the Trainer's optimizer.
+    """Runs `engine.step()` after each optimizer step of a Trainer, with the Trainer's optimizer: once per step
+    whatever `gradient_accumulation_steps` (Top-KAST's penalty, too, enters each step once).
 
     Build the engine on the model before creating the Trainer; `Trainer(..., callbacks=[SparseTrainingCallback(engine)])`.
     The engine's state is written into every checkpoint as `fish_engine_state.pt`; when

@@ -1,6 +1,8 @@
 """What every mask engine shares: the optimizer, the step count and the schedule of mask updates. Call
-`engine.step()` after every `optimizer.step()`. `NetworkMaskEngine` adds the sparse weights of a whole network and
-their densities (Top-KAST, sparse momentum, the static control); the evolving FISH diffs build on `MaskEngine`."""
+`engine.step()` after every `optimizer.step()` (inside Accelerate's `accumulate`, after every micro-batch's: the
+engine counts only the steps the optimizer really takes). `NetworkMaskEngine` adds the sparse weights of a whole
+network and their densities (Top-KAST, sparse momentum, the static control); the evolving FISH diffs build on
+`MaskEngine`."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError, find_sparse_we
 
 class MaskEngine(ABC):
     """Base class; subclasses bind an optimizer given to their constructor once their masks exist, define `masks`
-    and `trained_parameters`, and may refine `_check_optimizer`, `_after_optimizer_step`, `_should_update` and
-    `update_masks`."""
+    and `trained_parameters`, and may refine `_check_optimizer`, `_before_optimizer_step`, `_after_optimizer_step`,
+    `_should_update` and `update_masks`."""
 
     def __init__(self, model: nn.Module, *, update_every: int):
         if not isinstance(update_every, int) or update_every < 1:
@@ -31,6 +33,7 @@ class MaskEngine(ABC):
         self.steps = 0
         self.update_seconds = 0.0  # time spent in mask updates, for measuring their overhead
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._wrapper = None  # the optimizer as bound (Accelerate's wrapper knows whether a step is taken)
 
     @abstractmethod
     def trained_parameters(self) -> list[torch.Tensor]:
@@ -38,14 +41,17 @@ class MaskEngine(ABC):
 
     def bind(self, optimizer) -> None:
         """Use `optimizer` (a torch optimizer, or Accelerate's / Trainer's wrapper around one) from now on."""
-        optimizer = unwrap_optimizer(optimizer)
+        wrapper, optimizer = optimizer, unwrap_optimizer(optimizer)
         groups_of(optimizer, self.trained_parameters())
         self._check_optimizer(optimizer)
-        self.optimizer = optimizer
+        self.optimizer, self._wrapper = optimizer, wrapper
 
     def step(self, optimizer=None) -> bool:
         """Call after `optimizer.step()`. Keeps the sparsity and, every `update_every` steps, updates the masks;
-        returns whether it did."""
+        returns whether it did. A call while Accelerate accumulates (its `optimizer.step()` did nothing) does
+        nothing."""
+        if accumulating(optimizer if optimizer is not None else self._wrapper):
+            return False
         if optimizer is not None and unwrap_optimizer(optimizer) is not self.optimizer:
             self.bind(optimizer)
         if self.optimizer is None:
@@ -92,11 +98,21 @@ class MaskEngine(ABC):
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         pass
 
+    def _before_optimizer_step(self) -> None:
+        """Runs just before each step of the engine's optimizer, once per step however many backwards it sums, in
+        engines that `step_hook.watch` themselves once built."""
+
     def _after_optimizer_step(self) -> None:
         pass
 
     def update_masks(self) -> None:
         """Move the masks by the engine's rule (none here: a fixed mask)."""
+
+
+def accumulating(optimizer) -> bool:
+    """Whether `optimizer` is Accelerate's wrapper in the middle of gradient accumulation, so its step is skipped."""
+    state = getattr(optimizer, "gradient_state", None)
+    return state is not None and not state.sync_gradients
 
 
 class NetworkMaskEngine(MaskEngine):

@@ -26,7 +26,7 @@ from torch import nn
 from ..communication import Traffic, reduce_across_processes
 from ..config import FishConfig
 from ..distributed import rank_and_world
-from ..layer import FishLayer, index_dtype
+from ..layer import FishLayer, index_dtype, storage_key
 from ..masks import FishMask
 from .engine import MaskEngine
 from .sparse_momentum import cosine_prune_rate
@@ -44,16 +44,21 @@ class DiffEntry:
     numel: int
 
     @property
+    def key(self) -> str:
+        """Where the layer stores this parameter's entries (its dicts take no dotted names)."""
+        return storage_key(self.attr)
+
+    @property
     def values(self) -> nn.Parameter:
-        return self.layer.fish_values[self.adapter][self.attr]
+        return self.layer.fish_values[self.adapter][self.key]
 
     @property
     def indices(self) -> torch.Tensor:
-        return self.layer.fish_indices[self.adapter][self.attr]
+        return self.layer.fish_indices[self.adapter][self.key]
 
     def set_entries(self, indices: torch.Tensor, values: nn.Parameter) -> None:
-        self.layer.fish_indices[self.adapter][self.attr] = indices.to(self.indices.device, index_dtype(self.numel))
-        self.layer.fish_values[self.adapter][self.attr] = values
+        self.layer.fish_indices[self.adapter][self.key] = indices.to(self.indices.device, index_dtype(self.numel))
+        self.layer.fish_values[self.adapter][self.key] = values
 
     def dense_gradient(self) -> Optional[torch.Tensor]:
         """The flat gradient of the loss in W + Δ captured since the last update, if the parameter was used."""
@@ -104,8 +109,10 @@ class EvolvingDiff(MaskEngine):
         return cosine_prune_rate(self.config.prune_rate, self.steps, self.total_steps, f"The {self.rule} diff")
 
     def step(self, optimizer=None) -> bool:
+        steps = self.steps
         updated = super().step(optimizer)
-        self._capture(self._update_due(self.steps + 1))
+        if self.steps != steps:  # not a micro-batch inside Accelerate's accumulation, which keeps capturing
+            self._capture(self._update_due(self.steps + 1))
         return updated
 
     def _should_update(self) -> bool:

@@ -2,8 +2,9 @@
 
 Per layer, A holds the top-D fraction of weights by magnitude and B ⊇ A the top-(D+M). The forward pass sees
 θ ⊙ 1_A; the gradient reaches θ only on B. An exploration penalty, (λ/2)·(Σ_A θ² + Σ_{B\\A} θ²/D), keeps
-weights from staying in A only because they got there first. A and B are recomputed every `update_every` steps
-(1 in the paper; 100 was as good). The dense θ is kept, since weights outside B keep their values and may re-enter.
+weights from staying in A only because they got there first; it acts once per optimizer step (penalty.py). A and B
+are recomputed every `update_every` steps (1 in the paper; 100 was as good). The dense θ is kept, since weights
+outside B keep their values and may re-enter.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import step_hook
 from .densities import check_density, kept_count
 from .engine import NetworkMaskEngine
 from .optimizer_state import groups_of, reset_state
+from .penalty import ExplorationPenalty
 from .targets import DEFAULT_SPARSE_MODULES, SparseTrainingError
 
 
@@ -44,12 +47,12 @@ class TopKASTWeight(nn.Module):
         return _ForwardOnABackwardOnB.apply(weight, self.forward_mask.to(weight.dtype), self.backward_mask.to(weight.dtype))
 
 
-class TopKAST(NetworkMaskEngine):
+class TopKAST(ExplorationPenalty, NetworkMaskEngine):
     """Top-KAST on the Linear, Conv and Embedding weights of `model` (biases and norms stay dense).
 
-    `forward_density` is D, `backward_density` is D+M (>= D). `penalty` is λ of the exploration penalty, applied as
-    a gradient term on θ, so it works in any training loop; `penalty_value()` gives its value for logging. Use no
-    optimizer weight decay on the sparse weights (it would move weights outside B): the penalty replaces it.
+    `forward_density` is D, `backward_density` is D+M (>= D). `penalty` is λ of the exploration penalty, added to
+    θ's gradient once per optimizer step; `penalty_value()` gives its value for logging. Use no optimizer weight
+    decay on the sparse weights (it would move weights outside B): the penalty replaces it.
     """
 
     def __init__(
@@ -81,15 +84,14 @@ class TopKAST(NetworkMaskEngine):
         self.penalty = penalty
         self.backward_density = backward_density
         self.parametrizations: dict[str, TopKASTWeight] = {}
-        self._hooks = []
         for weight in self.weights:
             a_mask, b_mask = self._select(weight.name, weight.parameter.detach())
             self.parametrizations[weight.name] = TopKASTWeight(a_mask, b_mask)
             for module, attribute in weight.holders:
                 parametrize.register_parametrization(module, attribute, self.parametrizations[weight.name], unsafe=True)
-            self._hooks.append(weight.parameter.register_hook(self._penalty_gradient(weight.name, weight.parameter)))
         if optimizer is not None:
             self.bind(optimizer)
+        step_hook.watch(self)
 
     def counts(self, name: str) -> tuple[int, int]:
         """Sizes of A and B for one weight."""
@@ -107,25 +109,16 @@ class TopKAST(NetworkMaskEngine):
         b_mask[order] = True
         return a_mask.view_as(theta), b_mask.view_as(theta)
 
-    def _penalty_gradient(self, name: str, parameter: torch.Tensor):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            if self.penalty == 0:
-                return grad
-            masks = self.parametrizations[name]
-            scale = masks.forward_mask + (masks.backward_mask & ~masks.forward_mask) / self.densities[name]
-            return grad + self.penalty * parameter.detach() * scale.to(grad.dtype)
+    @property
+    def penalty_strength(self) -> float:
+        return self.penalty
 
-        return hook
-
-    def penalty_value(self) -> torch.Tensor:
-        """(λ/2)·(Σ_A θ² + Σ_{B\\A} θ²/D), summed over layers (D: each layer's forward density)."""
-        total = torch.zeros(())
+    def penalty_terms(self):
+        """Each weight, scaled 1 on A and 1/D on B\\A (D: its layer's forward density)."""
         for weight in self.weights:
             masks = self.parametrizations[weight.name]
-            squares = weight.parameter.detach().float() ** 2
             explore = masks.backward_mask & ~masks.forward_mask
-            total = total + squares[masks.forward_mask].sum().cpu() + squares[explore].sum().cpu() / self.densities[weight.name]
-        return self.penalty / 2 * total
+            yield weight.parameter, masks.forward_mask + explore / self.densities[weight.name]
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         for group in groups_of(optimizer, self.trained_parameters()).values():
@@ -170,12 +163,10 @@ class TopKAST(NetworkMaskEngine):
 
     def export_dense(self) -> nn.Module:
         """Make the model an ordinary dense model holding θ ⊙ 1_A (zeros elsewhere); the engine is spent."""
-        for hook in self._hooks:
-            hook.remove()
+        step_hook.unwatch(self)
         with torch.no_grad():
             for weight in self.weights:
                 weight.parameter.mul_(self.parametrizations[weight.name].forward_mask)
                 for module, attribute in weight.holders:
                     parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
-        self._hooks = []
         return self.model

@@ -3,11 +3,11 @@
 Per adapted parameter, A holds its k_p entries (the adapter's values) and B \\ A about `exploration`·k_p more,
 which receive the gradient they would get in the forward pass but do not change the model's output (Top-KAST's
 backward set). The penalty (λ/2)·(Σ_A Δ² + Σ_{B\\A} Δ²/D), with D the diff's density over the adapted parameters,
-acts on the gradients. Every `update_every` steps, A becomes the k_p entries of B with the largest |Δ|; of the
-rest, the `rate` share with the smallest |Δ| leaves B, replaced by the positions of largest dense gradient,
-starting at 0. Top-KAST's own B is the next-largest weights by magnitude; a diff's unused entries all have
-magnitude 0, so fish-peft ranks them by gradient instead. The exploration set starts at random positions (seeded)
-and is never saved: the adapter is A.
+acts on the gradients once per optimizer step (penalty.py, shared with the whole-network engine). Every
+`update_every` steps, A becomes the k_p entries of B with the largest |Δ|; of the rest, the `rate` share with the
+smallest |Δ| leaves B, replaced by the positions of largest dense gradient, starting at 0. Top-KAST's own B is the
+next-largest weights by magnitude; a diff's unused entries all have magnitude 0, so fish-peft ranks them by gradient
+instead. The exploration set starts at random positions (seeded) and is never saved: the adapter is A.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import step_hook
 from .evolving_diff import DiffEntry, EvolvingDiff, sorted_by_index, top_new_positions
 from .optimizer_state import rearrange_entries, unwrap_optimizer
+from .penalty import ExplorationPenalty
 from .targets import SparseTrainingError
 
 
-class TopKASTDiff(EvolvingDiff):
+class TopKASTDiff(ExplorationPenalty, EvolvingDiff):
     """Top-KAST on the entries of a FISH adapter made with `FishConfig(mask_update="topkast")`."""
 
     rule = "topkast"
@@ -34,9 +36,10 @@ class TopKASTDiff(EvolvingDiff):
     ):
         self.seed = seed  # of the random first exploration set
         super().__init__(model, optimizer, adapter_name=adapter_name, total_steps=total_steps)
+        step_hook.watch(self)
 
     def _prepare(self) -> None:
-        """Draw the first exploration entries and hook the penalty onto the gradients."""
+        """Draw the first exploration entries."""
         self.forward_density = sum(e.values.numel() for e in self.entries) / sum(e.numel for e in self.entries)
         generator = torch.Generator().manual_seed(self.seed)
         by_layer: dict[int, dict[str, torch.Tensor]] = {}
@@ -52,11 +55,6 @@ class TopKASTDiff(EvolvingDiff):
         for layer in self._layers:
             if id(layer) in by_layer:
                 layer.set_exploration(self.adapter, by_layer[id(layer)])
-        for entry in self.entries:
-            entry.values.register_hook(self._penalty_gradient(entry.values, 1.0))
-            if self._explores(entry):
-                explore = self.exploration_values(entry)
-                explore.register_hook(self._penalty_gradient(explore, 1 / self.forward_density))
 
     def bind(self, optimizer) -> None:
         """As for any engine; an optimizer made before the engine also gets the exploration values, each in the
@@ -73,13 +71,13 @@ class TopKASTDiff(EvolvingDiff):
 
     def _explores(self, entry: DiffEntry) -> bool:
         values = entry.layer.fish_explore_values
-        return entry.adapter in values and entry.attr in values[entry.adapter]
+        return entry.adapter in values and entry.key in values[entry.adapter]
 
     def exploration_values(self, entry: DiffEntry) -> nn.Parameter:
-        return entry.layer.fish_explore_values[entry.adapter][entry.attr]
+        return entry.layer.fish_explore_values[entry.adapter][entry.key]
 
     def exploration_indices(self, entry: DiffEntry) -> torch.Tensor:
-        return entry.layer.fish_explore_indices[entry.adapter][entry.attr]
+        return entry.layer.fish_explore_indices[entry.adapter][entry.key]
 
     def stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
         return [entry.indices] + ([self.exploration_indices(entry)] if self._explores(entry) else [])
@@ -105,24 +103,18 @@ class TopKASTDiff(EvolvingDiff):
             with torch.no_grad():
                 current.copy_(values)
             old = self.exploration_indices(entry)
-            entry.layer.fish_explore_indices[entry.adapter][entry.attr] = indices.to(old.device, old.dtype)
+            entry.layer.fish_explore_indices[entry.adapter][entry.key] = indices.to(old.device, old.dtype)
 
-    def _penalty_gradient(self, values: nn.Parameter, scale: float):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            if self.config.penalty == 0:
-                return grad
-            return grad + self.config.penalty * scale * values.detach()
+    @property
+    def penalty_strength(self) -> float:
+        return self.config.penalty
 
-        return hook
-
-    def penalty_value(self) -> torch.Tensor:
-        """(λ/2)·(Σ_A Δ² + Σ_{B\\A} Δ²/D) over the adapter."""
-        total = torch.zeros(())
+    def penalty_terms(self):
+        """The adapter's values (A, scale 1) and the exploration values (B\\A, scale 1/D), as they are now."""
         for entry in self.entries:
-            total = total + (entry.values.detach().float() ** 2).sum().cpu()
+            yield entry.values, 1.0
             if self._explores(entry):
-                total = total + (self.exploration_values(entry).detach().float() ** 2).sum().cpu() / self.forward_density
-        return self.config.penalty / 2 * total
+                yield self.exploration_values(entry), 1 / self.forward_density
 
     def move_entries(self, rate: float) -> None:
         for entry in self.entries:
@@ -143,6 +135,6 @@ class TopKASTDiff(EvolvingDiff):
             old_explore_indices = self.exploration_indices(entry)
             values, _ = rearrange_entries(self.optimizer, [entry.values, explore], [forward_sources, explore_sources])
             entry.set_entries(forward_indices, values)
-            entry.layer.fish_explore_indices[entry.adapter][entry.attr] = explore_indices.to(
+            entry.layer.fish_explore_indices[entry.adapter][entry.key] = explore_indices.to(
                 old_explore_indices.device, old_explore_indices.dtype
             )
