@@ -69,9 +69,11 @@ def card_context(
     metrics: Optional[dict[str, float]] = None,
     license: str = "apache-2.0",
     tags: tuple[str, ...] = (),
+    label_names: Optional[list[str]] = None,
 ) -> dict[str, Any]:
     """The `render_model_card` context of a saved folder; the keyword arguments fill in or override what the
-    folder's files say (a run's own `recipe.yaml` and `results.json` say most of it)."""
+    folder's files say (a run's own `recipe.yaml` and `results.json` say most of it). `label_names` are the class
+    names in id order, which an adapter does not keep: the card's snippet gives them to the base model it loads."""
     folder = Path(folder)
     recipe = _read_yaml(folder / RECIPE)
     results = _read_json(folder / RESULTS)
@@ -123,6 +125,7 @@ def card_context(
         "auto_class": "AutoModelForSequenceClassification" if full_model else auto_class,
         "extra_tags": list(tags),
         "adapter_settings": _settings(config) if fish else None,
+        "label_names": label_names or results.get("label_names") or _config_label_names(folder),
     }
 
 
@@ -171,6 +174,21 @@ def _num_labels(folder: Path, head: dict[str, tuple[int, ...]]) -> Optional[int]
         return matrices[-1][0]
     config = _read_json(folder / "config.json")
     return len(config["id2label"]) if "id2label" in config else None
+
+
+def named_labels(id2label: Optional[dict]) -> Optional[list[str]]:
+    """A model config's class names in id order (its keys are ints, or strings in config.json), unless they are
+    transformers' placeholders (LABEL_0, ...), which name nothing."""
+    id2label = id2label or {}
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
+    if not names or None in names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
+
+
+def _config_label_names(folder: Path) -> Optional[list[str]]:
+    """A full model's class names, which its config.json keeps."""
+    return named_labels(_read_json(folder / "config.json").get("id2label"))
 
 
 def _base_model_of(folder: Path, config) -> str:

@@ -55,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune one method as a recipe says", description=train_command.__doc__, epilog=OVERRIDES_HELP)
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/glue/sst2.yaml")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder (its own files; yours stay)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     train.set_defaults(handler=train_command)
 
     mask = commands.add_parser("mask", help="compute and save a mask and its per-module report", description=mask_command.__doc__, epilog=OVERRIDES_HELP)
     mask.add_argument("recipe")
-    mask.add_argument("--overwrite", action="store_true")
+    mask.add_argument("--overwrite", action="store_true", help="replace a mask already in the output folder")
     mask.set_defaults(handler=mask_command)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved run", description=eval_command.__doc__, epilog=OVERRIDES_HELP)
@@ -112,21 +112,28 @@ def train_command(args, overrides) -> int:
 
 def mask_command(args, overrides) -> int:
     """Compute the recipe's mask (fish by default; random and bitfit too) without training and save mask.safetensors,
-    mask_report.json and mask.png in output_dir."""
+    mask_report.json and mask.png in a folder of their own: --output-dir, else the recipe's output_dir with "-mask"
+    added (outputs/glue/cola-mask), since the recipe's output_dir is where its run or comparison goes and a mask's
+    mask.png would mix with theirs. A folder that holds anything else is refused."""
+    from .atomic import atomic_folder
     from .mask_plot import plot_mask
+    from .output_folders import MASK, check_output_folder
     from .training import build_mask_only, write_json
 
     recipe = load_recipe(args.recipe, overrides)
+    if "output_dir" not in overrides:
+        recipe = dataclasses.replace(recipe, output_dir=f"{recipe.output_dir}-mask")
     out = Path(recipe.output_dir)
-    if (out / "mask.safetensors").exists() and not args.overwrite:
-        raise FileExistsError(f"{out / 'mask.safetensors'} exists; pass --overwrite or choose another --output-dir.")
+    check_output_folder(out, MASK, elsewhere=f"{out}-mask")
+    if MASK.found_in(out) and not args.overwrite:
+        raise FileExistsError(f"{out} already holds a mask; pass --overwrite to replace it or choose another --output-dir, e.g. {out}-mask.")
     start = time.perf_counter()
     mask, shapes = build_mask_only(recipe)
     seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    mask.save(str(out / "mask.safetensors"))
-    write_json(out / "mask_report.json", {"selected": mask.num_selected, "seconds": seconds, **mask.info, "parameters": mask.report()})
-    plot_mask(mask, str(out / "mask.png"), title=f"{recipe.method} mask, {recipe.task}", shapes=shapes)
+    with atomic_folder(out, owns=MASK.owns) as staging:  # the three files change together; others there stay
+        mask.save(str(staging / "mask.safetensors"))
+        write_json(staging / "mask_report.json", {"selected": mask.num_selected, "seconds": seconds, **mask.info, "parameters": mask.report()})
+        plot_mask(mask, str(staging / "mask.png"), title=f"{recipe.method} mask, {recipe.task}", shapes=shapes)
     print(f"{mask} in {seconds:.1f}s -> {out}")
     for row in sorted(mask.report(), key=lambda r: -r["selected"])[:10]:
         print(f"  {row['parameter']:<60} {row['selected']:>9,} of {row['size']:>11,} ({row['density']:.3%})")

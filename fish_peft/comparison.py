@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import atomic_path
 from .distributed import rank_and_world
+from .output_folders import COMPARISON, check_output_folder
 from .recipe import Recipe
-from .training import run, write_json
+from .training import check_output_dir, run, write_json
 
 
 def compare(recipe: Recipe, overwrite: bool = False) -> str:
     """Run every method of `recipe.methods`; write comparison.json and comparison.md; return the markdown table.
     In several processes (`accelerate launch`) every process trains and the first writes and returns the
     comparison (the others return "")."""
+    check_comparison_folder(recipe, overwrite)
     runs = [run(recipe.for_method(method), overwrite=overwrite) for method in recipe.methods]
     if rank_and_world()[0] != 0:
         return ""
@@ -20,8 +23,24 @@ def compare(recipe: Recipe, overwrite: bool = False) -> str:
     out = Path(recipe.output_dir)
     table = markdown_table(rows)
     write_json(out / "comparison.json", {"task": recipe.task, "model": recipe.model, "rows": rows})
-    (out / "comparison.md").write_text(table + "\n")
+    with atomic_path(str(out / "comparison.md")) as tmp:
+        Path(tmp).write_text(table + "\n")
     return table
+
+
+def check_comparison_folder(recipe: Recipe, overwrite: bool) -> None:
+    """Refuse, before the first method trains, a folder that is not a comparison, and one whose table or method
+    folders would be replaced without --overwrite (the last method's refusal would come after hours of training)."""
+    out = Path(recipe.output_dir)
+    check_output_folder(out, COMPARISON, elsewhere=f"{out}-comparison")
+    table = [name for name in ("comparison.json", "comparison.md") if (out / name).exists()]
+    if table and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a comparison ({', '.join(table)}); pass --overwrite to run it again (files you "
+            f"added there stay) or choose another --output-dir, e.g. {out}-2."
+        )
+    for method in recipe.methods:
+        check_output_dir(out / method, overwrite, elsewhere=f"{out}-2")
 
 
 def summary_row(results: dict) -> dict:

@@ -13,10 +13,12 @@ pushed is never written to. The token is only ever handed to `huggingface_hub`.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -25,7 +27,10 @@ from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .card_facts import ADAPTER_CONFIG, CARD, MASK_PLOT, RECIPE, RESULTS, find_adapters, read_adapter_config, read_adapter_mask, write_model_card
+from .card_facts import (
+    ADAPTER_CONFIG, CARD, MASK_PLOT, RECIPE, RESULTS, card_context, find_adapters, named_labels, read_adapter_config,
+    read_adapter_mask, write_model_card,
+)
 from .config import FishConfig
 from .model_card import is_hub_id
 from .validation import ADAPTER_WEIGHTS
@@ -35,6 +40,15 @@ from .validation import ADAPTER_WEIGHTS
 PUBLISHED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", RECIPE, RESULTS, MASK_PLOT)
 LOCAL_PATH_KEYS = ("train_file", "validation_file", "output_dir")
 DEFAULT_COMMIT_MESSAGE = "Upload FISH sparse-diff adapter (fish-peft)"
+# What the card of a push may be told (see `card_context`): everything else it says comes from the files pushed.
+CARD_KEYWORDS = tuple(name for name in inspect.signature(card_context).parameters if name not in ("folder", "repo_id", "tags"))
+# Keywords of `push_to_hub` in transformers (4.x and 5.x) and PEFT that do not apply to a FISH adapter, and why.
+IGNORED_PUSH_KEYWORDS = {
+    "use_temp_dir": "the adapter is always staged in a new temporary folder, never in the working directory",
+    "safe_serialization": "a FISH adapter is always saved as safetensors, which PEFT loads without running code",
+    "max_shard_size": "a sparse diff holds k values and their indices, a few megabytes at most: it is never sharded",
+    "ignore_metadata_errors": "the card is written anew from the adapter's files, not parsed from the repository's",
+}
 LOGIN_HELP = (
     "log in with `hf auth login` (or `huggingface_hub.login()` in Python) using a token with write access from "
     "https://huggingface.co/settings/tokens, or set the HF_TOKEN environment variable"
@@ -64,17 +78,21 @@ def push_adapter(
     included), or a `PeftModel` with FISH adapters. `private`, `revision` (a branch, created from main if
     missing), `commit_message`, `commit_description` and `create_pr` mean what they mean in `huggingface_hub`.
     `token` defaults to the stored Hub login or HF_TOKEN. `tags` are added to the card's; the other keywords
-    (`base_model`, `dataset`, `task`, `metrics`, `license`) fill in or override what the card would say from the
-    folder's files. Pushing again updates the same repository. Returns the commit's `CommitInfo`.
+    (`base_model`, `dataset`, `task`, `metrics`, `license`, `label_names`) fill in or override what the card would
+    say from the folder's files (a model's class names come from its config). Pushing again updates the same
+    repository. Returns the commit's `CommitInfo`.
     """
     check_repo_id(repo_id)
+    check_card_keywords(card)
     token = resolve_token(token)
+    tags = [tags] if isinstance(tags, str) else tags
     with tempfile.TemporaryDirectory(prefix="fish-peft-push-") as staging:
         staging = Path(staging)
         if isinstance(source, (str, os.PathLike)):
             _stage_folder(Path(source), staging)
         else:
             _stage_model(source, staging)
+            card.setdefault("label_names", model_label_names(source))
         _check_adapters(staging)
         _hide_local_paths(staging, card.get("base_model"))
         context = write_model_card(staging, repo_id=repo_id, tags=tuple(tags or ()), **card)
@@ -95,6 +113,42 @@ def check_repo_id(repo_id: Any) -> None:
         ) from None
 
 
+def check_card_keywords(card: dict[str, Any]) -> None:
+    """A clear error, before any work, for a keyword that is neither the Hub's nor the card's (a typo, most often)."""
+    unknown = sorted(set(card) - set(CARD_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"push got unexpected keyword argument(s) {', '.join(unknown)}. It takes the Hub's private, revision, "
+            f"commit_message, commit_description, create_pr, token and tags, and for the card {', '.join(CARD_KEYWORDS)}."
+        )
+
+
+def model_label_names(model: Any) -> Optional[list[str]]:
+    """The class names of a PeftModel's base model: an adapter does not keep them, so the card's snippet gives
+    them back."""
+    return named_labels(getattr(getattr(model.get_base_model(), "config", None), "id2label", None))
+
+
+def hub_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of a `PeftModel.push_to_hub` call as `push_adapter` takes them.
+
+    Those of transformers' and PEFT's `push_to_hub` that do not apply to a sparse adapter are accepted and ignored
+    (`IGNORED_PUSH_KEYWORDS` says why; `safe_serialization=False` warns, since the files stay safetensors), the
+    older `use_auth_token` is the token; anything `push_adapter` does not know is refused by it, by name.
+    """
+    kwargs = dict(kwargs)
+    if kwargs.get("safe_serialization", True) is False:
+        warnings.warn("safe_serialization=False is ignored: FISH adapters are always pushed as safetensors.", stacklevel=3)
+    for name in IGNORED_PUSH_KEYWORDS:
+        kwargs.pop(name, None)
+    if "use_auth_token" in kwargs:
+        legacy, token = kwargs.pop("use_auth_token"), kwargs.get("token")
+        if None not in (legacy, token) and legacy != token:
+            raise ValueError("push_to_hub got both token and use_auth_token (its old name): pass only token.")
+        kwargs["token"] = legacy if token is None else token
+    return kwargs
+
+
 def resolve_token(token: Union[str, bool, None]) -> str:
     """The token to push with: the one given, else the stored login or HF_TOKEN; a clear error when there is none."""
     if token is False:
@@ -106,7 +160,8 @@ def resolve_token(token: Union[str, bool, None]) -> str:
 
 
 def install_push_to_hub() -> None:
-    """Route `PeftModel.push_to_hub` of models with FISH adapters to `push_adapter` (once per interpreter)."""
+    """Route `PeftModel.push_to_hub` of models with FISH adapters to `push_adapter` (once per interpreter), with
+    every keyword transformers' and PEFT's `push_to_hub` take (`hub_keywords`)."""
     from peft import PeftModel
 
     original = PeftModel.push_to_hub
@@ -117,8 +172,7 @@ def install_push_to_hub() -> None:
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         if not any(isinstance(config, FishConfig) for config in getattr(self, "peft_config", {}).values()):
             return original(self, repo_id, **kwargs)
-        kwargs.pop("max_shard_size", None)  # a sparse diff is never sharded
-        return push_adapter(self, repo_id, **kwargs)
+        return push_adapter(self, repo_id, **hub_keywords(kwargs))
 
     push_to_hub._fish_peft = True
     PeftModel.push_to_hub = push_to_hub

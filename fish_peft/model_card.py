@@ -46,6 +46,7 @@ OPTIONAL_DEFAULTS = {
     "auto_class": "AutoModelForSequenceClassification",
     "extra_tags": [],
     "adapter_settings": None,
+    "label_names": None,
 }
 
 
@@ -84,7 +85,9 @@ def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | 
     `mask_update` ({"rule", "update_every", "prune_rate"} when the support evolved), `adapters` (one dict per
     adapter in the repository: name, folder, selected, mask_rule), `main_adapter` ((name, sub-folder) of the adapter
     the card describes when none lies at the top level), `pipeline_tag`, `auto_class`, `extra_tags`,
-    `adapter_settings` (what the card shows when there is no recipe).
+    `adapter_settings` (what the card shows when there is no recipe), `label_names` (class names in id order: the
+    snippet passes them to the base model as `id2label`/`label2id`, since an adapter does not keep them, and shows
+    a `pipeline` that answers with them).
     """
     import jinja2
 
@@ -110,6 +113,7 @@ def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | 
         thousands=lambda n: f"{int(n):,}",
         percent=_percent,
         human_bytes=_human_bytes,
+        py_id2label=_py_id2label,
         metric_name=_metric_name,
         metric_value=_metric_value,
     )
@@ -164,6 +168,11 @@ def _yaml_str(value: Any) -> str:
 def _py_str(value: Any) -> str:
     """A double-quoted Python string literal (a JSON string is one)."""
     return json.dumps(str(value))
+
+
+def _py_id2label(names: Any) -> str:
+    """["negative", "positive"] -> '{0: "negative", 1: "positive"}', a Python dict literal."""
+    return "{" + ", ".join(f"{i}: {_py_str(name)}" for i, name in enumerate(names)) + "}"
 
 
 def _yaml_num(value: Any) -> str:

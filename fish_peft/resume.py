@@ -69,7 +69,14 @@ def run_mask(out: Path) -> FishMask:
 
 
 def interrupted(out: Path) -> bool:
-    return (out / CHECKPOINTS / RUN_RECIPE).is_file()
+    """Whether `out` holds a run that trained and died: its recipe and a checkpoint to continue from. A run that
+    stopped before its first checkpoint (an error or a kill in its first steps; before fish-peft kept the recipe
+    only once training starts, also bad data or a mask that could not be computed) left nothing worth continuing,
+    so a new run simply starts there."""
+    folder = out / CHECKPOINTS
+    if not (folder / RUN_RECIPE).is_file():
+        return False
+    return last_complete_checkpoint(folder) is not None or last_merge_checkpoint(folder) is not None
 
 
 def resume_point(recipe: Recipe, out: Path) -> Path:
@@ -85,7 +92,7 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
     if checkpoint is None:
         raise FileNotFoundError(
             f"The interrupted run in {out} left no complete checkpoint (they are written at every epoch end and "
-            "every save_steps steps); start again with --overwrite."
+            "every save_steps steps), so there is nothing to continue: start again with --overwrite instead of --resume."
         )
     return checkpoint
 

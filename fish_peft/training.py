@@ -3,7 +3,8 @@
 The output folder ends up with the adapter (`save_pretrained` format; the whole model for `full`), `results.json`,
 `recipe.yaml`, the mask plot `mask.png` (sparse methods) and a model card `README.md`. Final files are written
 atomically, so an interrupted run never leaves a half-written adapter; Trainer's epoch checkpoints live in
-`checkpoints/` and are removed once the best one has been saved.
+`checkpoints/` and are removed once the best one has been saved. A run writes into a new or empty folder or replaces
+an earlier run's own files (`output_folders.RUN`); the user's files there stay, and any other folder is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 import json
 import math
 import resource
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,13 +43,14 @@ from .masks import FishMask
 from .merged_training import own_share, train_merged
 from .card_facts import write_model_card
 from .model_card import SPARSE_METHODS
+from .output_folders import RUN, check_output_folder, remove_owned
 from .recipe import Recipe, load_recipe
 from .resume import CHECKPOINTS, StepCheckpoints, interrupted, remember_mask, remember_recipe, resume_point, run_mask
 from .selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
 from .sparse import SparseTrainingCallback, evolving_diff_engine
 from .tasks import Task, compute_metrics, custom_task, get_task
 
-RUN_MARKERS = ("results.json", "adapter_config.json", "recipe.yaml")
+FINISHED_RUN = ("results.json", "adapter_config.json", "recipe.yaml")  # any of them: the folder holds a finished run
 PACKAGED_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
 
@@ -89,24 +90,20 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
     out = Path(recipe.output_dir)
     checkpoint = resume_point(recipe, out) if resume else None
     if not resume:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, elsewhere=f"{out}-{recipe.method}")
     started = time.perf_counter()
     setup = Setup.from_recipe(recipe)
-    first_process = rank_and_world()[0] == 0
-    if not resume and first_process:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        remember_recipe(recipe, out)
     fisher_start = time.perf_counter()
     if checkpoint is not None and recipe.method in SPARSE_METHODS:
         mask = run_mask(out)  # the mask the run started with, not a new one; the checkpoint's adapter loads onto it
     else:
         mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
-        if mask is not None and first_process:
-            remember_mask(mask, out)
     fisher_seconds = time.perf_counter() - fisher_start if recipe.method == "fish" and checkpoint is None else None
     model = apply_method(recipe, setup.model, mask)
     initial_mask = mask
     engine = evolving_diff_engine(model) if recipe.mask_update else None
+    if not resume and rank_and_world()[0] == 0:
+        start_checkpoints(recipe, mask, out)
 
     evaluation = setup.evaluation_splits()
     timer = StepTimer()
@@ -149,6 +146,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
         "peak_memory_bytes": peak_memory_bytes(),
         "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info},
         "recipe": dataclasses.asdict(recipe),
+        "label_names": label_names(setup.model.config, setup.task),
     }
     if engine is not None:
         results["mask"]["update_seconds"] = engine.update_seconds
@@ -158,7 +156,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
     rank, results["processes"] = rank_and_world()
     if rank == 0:  # under `accelerate launch` the first process writes the output folder
         # All at once: until the new folder replaces it, the old one (with its checkpoints, for --resume) stays whole.
-        with atomic_folder(out) as staging:
+        with atomic_folder(out, owns=RUN.owns) as staging:
             results["adapter_bytes"] = save_run(staging, recipe, setup.task, model, mask)
             results["wall_seconds"] = time.perf_counter() - started
             write_json(staging / "results.json", results)
@@ -205,15 +203,39 @@ def evaluate_run(run_dir: Path, overrides: dict[str, str]) -> dict[str, dict[str
         }
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, elsewhere: str) -> None:
+    """Refuse, before any work, a folder that is not a run (see `output_folders`), and a run there that would be
+    replaced or ended without --overwrite. What a run that never trained left is no run: a new one starts there."""
+    check_output_folder(out, RUN, elsewhere)
     if overwrite:
         return
-    if any((out / marker).exists() for marker in RUN_MARKERS):
-        raise FileExistsError(f"{out} already holds a run; pass --overwrite to replace it or choose another --output-dir.")
+    if any((out / marker).exists() for marker in FINISHED_RUN):
+        raise FileExistsError(
+            f"{out} already holds a run; pass --overwrite to replace it (files you added there stay) or choose "
+            f"another --output-dir, e.g. {elsewhere}."
+        )
     if interrupted(out):
         raise FileExistsError(
             f"{out} holds an interrupted run: --resume continues it from its last checkpoint, --overwrite starts again."
         )
+
+
+def start_checkpoints(recipe: Recipe, mask: Optional[FishMask], out: Path) -> None:
+    """Just before training: forget what an earlier run of this folder kept for --resume (its own files only), and
+    keep this run's recipe and mask. Done no earlier, so that a run that fails before training leaves nothing that
+    looks like an interrupted run."""
+    remove_owned(out, RUN, CHECKPOINTS)
+    remember_recipe(recipe, out)
+    if mask is not None:
+        remember_mask(mask, out)
+
+
+def label_names(config, task: Task) -> Optional[list[str]]:
+    """The class names in id order, as the model's config has them from the data (None for regression), so that
+    results.json and the model card can give them back to a model loaded from the adapter."""
+    if task.is_regression:
+        return None
+    return [config.id2label[i] for i in range(task.num_labels)]
 
 
 def resolve_model(name: str) -> str:

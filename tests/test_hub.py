@@ -355,3 +355,43 @@ def test_create_pr_proposes_the_new_adapter_and_leaves_main_alone(hub):
     assert hub.files("alice/proposed") == main_files
     proposed = PeftModel.from_pretrained(copy.deepcopy(base), "alice/proposed", revision=info.pr_revision).eval()
     assert torch.equal(proposed(**inputs()).logits, model(**inputs()).logits)
+
+
+def test_push_to_hub_takes_the_keywords_of_transformers_and_peft(hub):
+    """Those that do not apply to a sparse adapter (safe_serialization, use_temp_dir, max_shard_size, ...) are
+    ignored; the others do what they say; `use_auth_token` is the token's older name."""
+    model = fish_model(tiny_bert())
+    model.push_to_hub(
+        "alice/keywords", safe_serialization=True, use_temp_dir=True, max_shard_size="1GB", ignore_metadata_errors=True,
+        commit_message="all of them", commit_description="every keyword", private=True, token=SECRET, revision="v1",
+        tags=["sst2-demo"],
+    )
+    files = hub.files("alice/keywords", revision="v1")
+    assert "adapter_model.safetensors" in files and hub.is_private("alice/keywords")
+    assert hub.commits("alice/keywords", branch="v1")[-1].message == "all of them"
+    assert "sst2-demo" in front_matter(files["README.md"].decode())[0]["tags"]
+    with pytest.warns(UserWarning, match="safe_serialization=False is ignored"):
+        info = model.push_to_hub("alice/keywords", safe_serialization=False, use_auth_token=SECRET, create_pr=True, tags="one-tag")
+    proposed = hub.files("alice/keywords", revision=info.pr_revision)
+    assert "adapter_model.bin" not in proposed and "one-tag" in front_matter(proposed["README.md"].decode())[0]["tags"]
+
+
+def test_a_keyword_that_is_really_wrong_is_refused_by_name_before_any_request(hub):
+    model = fish_model(tiny_bert())
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) comit_message.*commit_message"):
+        model.push_to_hub("alice/typo", comit_message="typo")
+    with pytest.raises(ValueError, match="pass only token"):
+        model.push_to_hub("alice/typo", token=SECRET, use_auth_token="hf_another")
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        push_adapter(model, "alice/typo", safe_serialization=True)  # push_adapter has no such keyword
+    assert hub.requests == []
+
+
+def test_the_card_of_a_model_with_named_labels_gives_them_back(hub):
+    base = tiny_bert(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    fish_model(base).push_to_hub("alice/named-labels")
+    (code,) = re.findall(r"```python\n(.*?)```", front_matter(hub.files("alice/named-labels")["README.md"].decode())[1], flags=re.S)
+    assert 'id2label = {0: "negative", 1: "positive"}' in code and "label2id={name: i for i, name in id2label.items()}" in code
+    assert 'pipeline("text-classification", model=merged, tokenizer=tokenizer)' in code
+    fish_model(tiny_bert()).push_to_hub("alice/placeholder-labels")  # LABEL_0, LABEL_1, LABEL_2 name nothing
+    assert "id2label" not in hub.files("alice/placeholder-labels")["README.md"].decode()
