@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
 
 from fish_peft import FishConfig, compute_fisher_mask, random_mask
-from fish_peft.demo_data import minilm_path, sentence_loader, split_rotten_tomatoes
+from fish_peft.cli.demo_data import minilm_path, sentence_loader, split_rotten_tomatoes
 
 
 def saved_size(peft_model) -> dict:

@@ -45,8 +45,8 @@ def traffic_worker(steps: int, out: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fish_peft import FishConfig, random_mask
-    from fish_peft.communication import count_ddp_traffic
-    from fish_peft.demo_data import minilm_path, split_rotten_tomatoes
+    from fish_peft.distributed.communication import count_ddp_traffic
+    from fish_peft.cli.demo_data import minilm_path, split_rotten_tomatoes
 
     accelerator = Accelerator(cpu=True)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -113,7 +113,7 @@ def accuracy(merge_every: int, output_dir: str, traffic_rows: dict, only: list[s
     for name, extra in runs.items():
         out = Path(output_dir) / name
         if name in only or not (out / "results.json").is_file():  # others: kept from an earlier run of this benchmark
-            launch(["-m", "fish_peft.cli", "train", "recipes/demo.yaml", "--output-dir", str(out), "--overwrite", *extra])
+            launch(["-m", "fish_peft.cli.command", "train", "recipes/demo.yaml", "--output-dir", str(out), "--overwrite", *extra])
         results = json.loads((out / "results.json").read_text())
         row = {"accuracy": results["metrics"]["validation"]["accuracy"], "steps": results["steps"], "train_seconds": results["train_seconds"]}
         if "merging" in results:

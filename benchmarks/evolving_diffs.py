@@ -14,8 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from fish_peft.recipe import load_recipe, parse_overrides
-from fish_peft.training import run
+from fish_peft.cli.recipe import load_recipe, parse_overrides
+from fish_peft.cli.training import run
 
 RULES = {"fixed": None, "topkast": "topkast", "sparse_momentum": "sparse_momentum"}
 

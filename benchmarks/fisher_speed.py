@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
 
 from fish_peft import compute_fisher, mask_from_scores
-from fish_peft.demo_data import minilm_path, sentence_loader, split_rotten_tomatoes
+from fish_peft.cli.demo_data import minilm_path, sentence_loader, split_rotten_tomatoes
 
 
 def timed(fn):

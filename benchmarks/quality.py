@@ -14,8 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from fish_peft.comparison import compare
-from fish_peft.recipe import load_recipe, parse_overrides
+from fish_peft.cli.comparison import compare
+from fish_peft.cli.recipe import load_recipe, parse_overrides
 
 
 def main():

@@ -14,7 +14,7 @@ import json
 import statistics
 import tempfile
 
-from fish_peft.sparse.from_scratch import SparseRecipe, train_sparse
+from fish_peft.cli.sparse_train import SparseRecipe, train_sparse
 
 
 def summarise(runs: list[dict]) -> dict:

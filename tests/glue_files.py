@@ -1,6 +1,6 @@
 """Small local train/validation files in the schema of the Hub dataset ``nyu-mll/glue``, for offline tests.
 
-The schema is written out here rather than taken from ``fish_peft.tasks``, so the tests check the task table against
+The schema is written out here rather than taken from ``fish_peft.cli.tasks``, so the tests check the task table against
 it. Each class has its own cue words, so a model can learn the labels from the text.
 """
 

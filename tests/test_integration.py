@@ -9,9 +9,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 import fish_peft  # noqa: F401
 from fish_peft import FishConfig, FishLayer, compute_fisher, compute_fisher_mask, random_mask
-from fish_peft.demo_data import minilm_path, sentence_loader, split_rotten_tomatoes
+from fish_peft.cli.demo_data import minilm_path, sentence_loader, split_rotten_tomatoes
 from tests.models import tiny_bert
-from tests.test_fisher import assert_scores_close, reference_fisher
+from tests.masks.test_fisher import assert_scores_close, reference_fisher
 
 
 def test_real_minilm_fisher_mask_adapter_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""Training a FISH adapter under DDP (run by tests/test_ddp.py under `torch.distributed.run`; `train` also runs in
+"""Training a FISH adapter under DDP (run by tests/distributed/test_ddp.py under `torch.distributed.run`; `train` also runs in
 one process there, as the reference with the same global batch).
 
 usage: ddp_worker.py OUT_DIR MODE, MODE one of
@@ -24,9 +24,9 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from fish_peft import FishConfig, random_mask
-from fish_peft.communication import Traffic, count_ddp_traffic
-from fish_peft.distributed import tensors_digest
-from fish_peft.sparse import evolving_diff_engine
+from fish_peft.distributed.communication import Traffic, count_ddp_traffic
+from fish_peft.distributed.processes import tensors_digest
+from fish_peft.dynamic import evolving_diff_engine
 from tests.models import example_inputs, tiny_bert
 
 NUM_EXAMPLES, STEPS = 24, 6

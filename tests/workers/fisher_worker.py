@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `torch.distributed.run`: the Fisher and its mask in several processes.
+"""Run by tests/distributed/test_distributed.py under `torch.distributed.run`: the Fisher and its mask in several processes.
 
 usage: fisher_worker.py OUT_DIR MODE, MODE one of
   stream   every process reads the same plain DataLoader (num_samples=10: ranks split the first 10 examples)

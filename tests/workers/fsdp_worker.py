@@ -1,4 +1,4 @@
-"""A FISH model under FSDP with `use_orig_params=True` (run by tests/test_fsdp.py under `torch.distributed.run`):
+"""A FISH model under FSDP with `use_orig_params=True` (run by tests/tuner/test_fsdp.py under `torch.distributed.run`):
 each process writes result{rank}.json with the error its first forward raised."""
 
 import json

@@ -1,4 +1,4 @@
-"""The FISH paper's distributed training in two processes (run by tests/test_diff_merging.py under
+"""The FISH paper's distributed training in two processes (run by tests/dynamic/test_diff_merging.py under
 `torch.distributed.run`): each process trains its own adapter on its half of the examples and merges every 2 steps.
 
 usage: merge_worker.py OUT_DIR MODE, MODE one of
@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from peft import get_peft_model
 
 from fish_peft import FishConfig, compute_fisher_mask, random_mask
-from fish_peft.diff_merging import DiffMerger
-from fish_peft.distributed import tensors_digest
-from fish_peft.merge_checkpoints import MergeCheckpoints
-from fish_peft.rng_states import capture_rng
+from fish_peft.dynamic.diff_averaging import DiffMerger
+from fish_peft.distributed.processes import tensors_digest
+from fish_peft.dynamic.averaging_checkpoints import MergeCheckpoints
+from fish_peft.utils.rng_states import capture_rng
 from tests.models import example_inputs, tiny_bert
 
 NUM_EXAMPLES, STEPS, MERGE_EVERY, BATCH = 24, 6, 2, 2

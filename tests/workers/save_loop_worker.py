@@ -1,4 +1,4 @@
-"""Save two FISH adapters of different supports into one folder, by turns, until killed (tests/test_atomic_saves.py).
+"""Save two FISH adapters of different supports into one folder, by turns, until killed (tests/utils/test_atomic_saves.py).
 
 Before the loop each version is also saved to its own reference folder; the parent then kills this process at
 arbitrary moments and checks that the folder always holds one complete version."""
@@ -12,7 +12,7 @@ from peft import get_peft_model
 
 import fish_peft  # noqa: F401  (registers FISH with PEFT)
 from fish_peft import FishConfig, random_mask
-from fish_peft.atomic import atomic_folder
+from fish_peft.utils.atomic_files import atomic_folder
 from tests.models import tiny_bert
 
 

@@ -1,0 +1,197 @@
+"""The `fish-peft` command: train, mask, eval and compare from YAML recipes; push a run to the Hub."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from fish_peft.distributed.processes import leave_process_group
+from fish_peft.cli.recipe import METHODS, Recipe, load_recipe, parse_overrides
+
+RECIPE_KEYS = ", ".join(f.name for f in dataclasses.fields(Recipe))
+OVERRIDES_HELP = (
+    "Any recipe key can be overridden as --key value (dashes or underscores), e.g. --lr 1e-3 --method lora "
+    f"--output-dir outputs/x --text-columns sentence1,sentence2 --lr-by-method fish=2e-3,full=5e-5. Keys: {RECIPE_KEYS}."
+)
+
+
+def _sparse_keys() -> str:
+    from fish_peft.cli.sparse_train import SparseRecipe
+
+    return ", ".join(f.name for f in dataclasses.fields(SparseRecipe))
+
+
+SPARSE_OVERRIDES_HELP = f"Any recipe key can be overridden as --key value, e.g. --density 0.1 --method topkast. Keys: {_sparse_keys()}."
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from fish_peft.hub.push import HubError
+
+    try:
+        status = args.handler(args, parse_overrides(rest))
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"fish-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except HubError as err:
+        print(f"fish-peft {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    leave_process_group()  # under `accelerate launch`: all processes finish together
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fish-peft", description="Sparse fine-tuning with FISH masks on top of PEFT.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="fine-tune one method as a recipe says", description=train_command.__doc__, epilog=OVERRIDES_HELP)
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/glue/sst2.yaml")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder (its own files; yours stay)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    train.set_defaults(handler=train_command)
+
+    mask = commands.add_parser("mask", help="compute and save a mask and its per-module report", description=mask_command.__doc__, epilog=OVERRIDES_HELP)
+    mask.add_argument("recipe")
+    mask.add_argument("--overwrite", action="store_true", help="replace a mask already in the output folder")
+    mask.set_defaults(handler=mask_command)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved run", description=eval_command.__doc__, epilog=OVERRIDES_HELP)
+    evaluate.add_argument("run_dir", help="output folder of `fish-peft train`")
+    evaluate.set_defaults(handler=eval_command)
+
+    compare = commands.add_parser("compare", help="run several methods and tabulate them", description=compare_command.__doc__, epilog=OVERRIDES_HELP)
+    compare.add_argument("recipe")
+    compare.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: the recipe's `methods`)")
+    compare.add_argument("--overwrite", action="store_true")
+    compare.set_defaults(handler=compare_command)
+
+    sparse = commands.add_parser(
+        "sparse-train", help="train a network from scratch with Top-KAST or sparse momentum",
+        description=sparse_train_command.__doc__, epilog=SPARSE_OVERRIDES_HELP,
+    )
+    sparse.add_argument("recipe", help="YAML recipe, e.g. recipes/sparse/digits_sparse_momentum.yaml")
+    sparse.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    sparse.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
+    sparse.set_defaults(handler=sparse_train_command)
+
+    push = commands.add_parser("push", help="upload a run's adapter with its model card to the Hub", description=push_command.__doc__)
+    push.add_argument("run_dir", help="output folder of `fish-peft train` (or a folder `save_pretrained` wrote)")
+    push.add_argument("repo_id", help="Hub repository, e.g. alice/minilm-sst2-fish (created if missing)")
+    push.add_argument("--private", action="store_true", default=None, help="create the repository private")
+    push.add_argument("--revision", help="branch to push to (created from main if missing)")
+    push.add_argument("--commit-message")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--base-model", help="Hub id of the base model, when the run names a local folder")
+    push.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
+    push.add_argument("--tag", action="append", dest="tags", default=[], help="extra card tag (repeatable)")
+    push.set_defaults(handler=push_command)
+    return parser
+
+
+def train_command(args, overrides) -> int:
+    """Fine-tune with one method (fish, random, full, lora, bitfit) and write the adapter, results.json, the mask
+    plot and a model card into the recipe's output_dir. Checkpoints (every epoch, and every save_steps steps) let
+    --resume continue a run that died, ending with the same adapter."""
+    from fish_peft.cli.training import run
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: choose one.")
+    results = run(load_recipe(args.recipe, overrides), overwrite=args.overwrite, resume=args.resume)
+    print(json.dumps({"metrics": results["metrics"], "trainable_parameters": results["trainable_parameters"]}, indent=2))
+    return 0
+
+
+def mask_command(args, overrides) -> int:
+    """Compute the recipe's mask (fish by default; random and bitfit too) without training and save mask.safetensors,
+    mask_report.json and mask.png in a folder of their own: --output-dir, else the recipe's output_dir with "-mask"
+    added (outputs/glue/cola-mask), since the recipe's output_dir is where its run or comparison goes and a mask's
+    mask.png would mix with theirs. A folder that holds anything else is refused."""
+    from fish_peft.utils.atomic_files import atomic_folder
+    from fish_peft.hub.mask_plot import plot_mask
+    from fish_peft.cli.output_folders import MASK, check_output_folder
+    from fish_peft.cli.training import build_mask_only, write_json
+
+    recipe = load_recipe(args.recipe, overrides)
+    if "output_dir" not in overrides:
+        recipe = dataclasses.replace(recipe, output_dir=f"{recipe.output_dir}-mask")
+    out = Path(recipe.output_dir)
+    check_output_folder(out, MASK, elsewhere=f"{out}-mask")
+    if MASK.found_in(out) and not args.overwrite:
+        raise FileExistsError(f"{out} already holds a mask; pass --overwrite to replace it or choose another --output-dir, e.g. {out}-mask.")
+    start = time.perf_counter()
+    mask, shapes = build_mask_only(recipe)
+    seconds = time.perf_counter() - start
+    with atomic_folder(out, owns=MASK.owns) as staging:  # the three files change together; others there stay
+        mask.save(str(staging / "mask.safetensors"))
+        write_json(staging / "mask_report.json", {"selected": mask.num_selected, "seconds": seconds, **mask.info, "parameters": mask.report()})
+        plot_mask(mask, str(staging / "mask.png"), title=f"{recipe.method} mask, {recipe.task}", shapes=shapes)
+    print(f"{mask} in {seconds:.1f}s -> {out}")
+    for row in sorted(mask.report(), key=lambda r: -r["selected"])[:10]:
+        print(f"  {row['parameter']:<60} {row['selected']:>9,} of {row['size']:>11,} ({row['density']:.3%})")
+    return 0
+
+
+def eval_command(args, overrides) -> int:
+    """Evaluate a run's saved adapter (or model) on the validation split(s) of its recipe; --validation-file and
+    other keys override the recipe saved with the run."""
+    from fish_peft.cli.training import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(args.run_dir), overrides), indent=2))
+    return 0
+
+
+def compare_command(args, overrides) -> int:
+    """Run the recipe once per method on the same data, loop and evaluation, each at its own learning rate
+    (`lr_by_method`), and write comparison.md and comparison.json into output_dir."""
+    from fish_peft.cli.comparison import compare
+
+    recipe = load_recipe(args.recipe, overrides)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(recipe.methods)
+    recipe = dataclasses.replace(recipe, methods=methods)
+    table = compare(recipe, overwrite=args.overwrite)
+    if table:
+        print(table)
+    return 0
+
+
+def push_command(args, overrides) -> int:
+    """Upload a run's adapter (the sparse diff and the head), recipe, results and mask plot to a Hub repository
+    with a model card written for it. The token comes from `hf auth login` or HF_TOKEN."""
+    from fish_peft.hub.push import push_adapter
+
+    if overrides:
+        raise ValueError(f"push takes no recipe keys, got {', '.join('--' + k for k in overrides)}.")
+    card = {"license": args.license}
+    if args.base_model:
+        card["base_model"] = args.base_model
+    commit = push_adapter(
+        args.run_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+        create_pr=args.create_pr, tags=args.tags, **card,
+    )
+    print(json.dumps({"repo_id": args.repo_id, "revision": args.revision or "main", "commit_url": commit.commit_url}, indent=2))
+    return 0
+
+
+def sparse_train_command(args, overrides) -> int:
+    """Train a network from scratch at a fixed density (dense, static random mask, sparse momentum or Top-KAST) in
+    an Accelerate loop (one process, or several under `accelerate launch`), and write results.json and the sparse
+    model (sparse_model.safetensors: indices + values) into output_dir."""
+    from fish_peft.cli.sparse_train import SparseRecipe, train_sparse
+
+    recipe = load_recipe(args.recipe, overrides, SparseRecipe)
+    results = train_sparse(recipe, overwrite=args.overwrite, resume=args.resume)
+    print(json.dumps({k: results[k] for k in ("test_accuracy", "density", "mask_updates", "mask_update_share")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
