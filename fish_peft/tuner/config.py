@@ -124,7 +124,7 @@ class FishConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """PEFT's loading, plus a check of the adapter file that goes with the config (decoded in full, see
-        `validation.check_adapter_tensors`) before PEFT touches any model."""
+        `adapter_files.check_adapter_tensors`) before PEFT touches any model."""
         from huggingface_hub import hf_hub_download
 
         from fish_peft.tuner.adapter_files import ADAPTER_WEIGHTS, check_adapter_file
