@@ -1,11 +1,12 @@
-"""GLUE task table and metrics, in numpy only so that evaluation needs neither scipy nor scikit-learn.
+"""GLUE task table and metrics: GLUE's official metrics through scikit-learn and scipy.
 
-The `evaluate` library loads its GLUE metric script from the Hugging Face Hub, which fails offline, so the official
-metrics are implemented here (checked against scikit-learn and scipy in the tests).
+`evaluate` loads its GLUE metric script from the Hugging Face Hub, which fails offline. scikit-learn and scipy load
+on the first metric computed, so the task table stays light to import.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,52 +61,46 @@ def _check_pair(predictions: np.ndarray, labels: np.ndarray) -> None:
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import accuracy_score
+
     _check_pair(predictions, labels)
-    return float(np.mean(predictions == labels))
+    return float(accuracy_score(labels, predictions))
 
 
 def f1(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Binary F1 of class 1; 0.0 when there are no true or predicted positives (scikit-learn's default)."""
+    """Binary F1 of class 1; 0.0 when there are no true or predicted positives."""
+    from sklearn.metrics import f1_score
+
     _check_pair(predictions, labels)
-    predicted, actual = predictions == 1, labels == 1
-    tp = np.sum(predicted & actual)
-    return float(2 * tp / (predicted.sum() + actual.sum())) if tp else 0.0
+    return float(f1_score(labels, predictions, pos_label=1, zero_division=0))
 
 
 def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Multiclass Matthews correlation (scikit-learn's formula); 0.0 when either side is constant."""
+    """Multiclass Matthews correlation; 0.0 when either side is constant."""
+    from sklearn.metrics import matthews_corrcoef
+
     _check_pair(predictions, labels)
-    _, codes = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
-    n = labels.size
-    confusion = np.zeros((codes.max() + 1,) * 2)
-    np.add.at(confusion, (codes[:n], codes[n:]), 1)
-    true_sum, pred_sum = confusion.sum(axis=1), confusion.sum(axis=0)
-    cov_true_pred = np.trace(confusion) * n - true_sum @ pred_sum
-    cov_pred = n * n - pred_sum @ pred_sum
-    cov_true = n * n - true_sum @ true_sum
-    return float(cov_true_pred / np.sqrt(cov_true * cov_pred)) if cov_true * cov_pred else 0.0
+    return float(matthews_corrcoef(labels, predictions))
 
 
 def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Pearson correlation; NaN when either side is constant (as scipy.stats.pearsonr)."""
-    _check_pair(predictions, labels)
-    if np.all(predictions == predictions[0]) or np.all(labels == labels[0]):
-        return float("nan")
-    x = predictions.astype(np.float64) - predictions.mean(dtype=np.float64)
-    y = labels.astype(np.float64) - labels.mean(dtype=np.float64)
-    return float(np.clip(x @ y / np.sqrt((x @ x) * (y @ y)), -1.0, 1.0))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing the mean of their ranks (scipy.stats.rankdata's default)."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    return (np.cumsum(counts) - (counts - 1) / 2)[inverse]
+    """Pearson correlation; NaN when either side is constant."""
+    return _correlation("pearsonr", predictions, labels)
 
 
 def spearmanr(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Spearman correlation: Pearson of the average ranks; NaN when either side is constant."""
+    """Spearman rank correlation (ties share their mean rank); NaN when either side is constant."""
+    return _correlation("spearmanr", predictions, labels)
+
+
+def _correlation(name: str, predictions: np.ndarray, labels: np.ndarray) -> float:
+    """`scipy.stats.<name>`'s statistic, without its warning on constant input (the NaN says it)."""
+    from scipy import stats
+
     _check_pair(predictions, labels)
-    return pearson(_average_ranks(predictions), _average_ranks(labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(getattr(stats, name)(predictions, labels).statistic)
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -176,11 +171,15 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> 
     return scores
 
 
+DEMO_DATASET = "vaderSentiment 3.3.2 movie-review sentences (shipped with fish-peft)"
+"""The data of task ``rotten_tomatoes``: fish_peft/data's copy, not the Hub dataset of the same name."""
+
+
 def dataset_name(task: str, train_file: Optional[str]) -> str:
-    """The dataset a recipe trained on, as the card names it: a Hub id where there is one, a local file by its name
-    (never its path)."""
+    """The data a recipe trained on, as the card names it: a Hub id where there is one, else a description that
+    cannot be taken for one (a local file by its name, never its path)."""
     if task in GLUE_TASKS and not train_file:
         return "nyu-mll/glue"
     if task == "rotten_tomatoes":
-        return "rotten_tomatoes (vaderSentiment 3.3.2 sentences)"
+        return DEMO_DATASET
     return f"{Path(train_file).name} (local file)" if train_file else task

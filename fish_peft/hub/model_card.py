@@ -1,4 +1,5 @@
-"""A Hugging Face Hub model card (README.md with YAML front matter) for a model trained with fish-peft."""
+"""The Hugging Face Hub model card of a model trained with fish-peft: a `huggingface_hub.ModelCard` rendered from a
+Jinja2 template in model_cards/, its metadata and model-index results from `ModelCardData` and `EvalResult`."""
 
 from __future__ import annotations
 
@@ -7,35 +8,38 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard, ModelCardData
 
 # fish_peft/model_cards is a link to the top-level model_cards/, so the wheel ships the template (package data).
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "fish_adapter.md.j2"
 
 MASK_METHODS = ("fish", "random", "magnitude")  # the methods whose card shows the mask (rule, statistics, table, plot)
-SPARSE_METHODS = MASK_METHODS + ("bitfit",)  # stored as fish-peft sparse diffs
-CARD_METHODS = SPARSE_METHODS + ("full", "lora")  # every method a card can describe
+SPARSE_DIFF_METHODS = MASK_METHODS + ("bitfit",)  # saved as fish-peft sparse-diff adapters
+ADAPTER_METHODS = SPARSE_DIFF_METHODS + ("lora",)  # saved as PEFT adapters (the rest: a whole transformers model)
+CARD_METHODS = ADAPTER_METHODS + ("full",)  # every method a card can describe
+SPARSE_METHODS = SPARSE_DIFF_METHODS  # old name: remove once cli/training.py imports SPARSE_DIFF_METHODS
 
-REQUIRED_KEYS = (
-    "base_model",
-    "task",
-    "dataset",
-    "method",
-    "keep_ratio",
-    "trainable_parameters",
-    "total_parameters",
-    "adapter_bytes",
-    "metrics",
-    "mask_table",
-    "plot_file",
-    "recipe_yaml",
-    "license",
-    "repo_id",
-    "num_labels",
-)
+
+# Recipe keys that apply to some runs only, with the test of a recipe (dict) they apply to; every other key applies
+# to every run. The comparison's own keys never apply: the run's learning rate and batch size are already in effect.
+RECIPE_KEY_APPLIES = {
+    **dict.fromkeys(("keep_ratio", "selection", "eligible"), lambda recipe: recipe.get("method") in MASK_METHODS),
+    **dict.fromkeys(("num_samples", "fisher"), lambda recipe: recipe.get("method") == "fish"),
+    **dict.fromkeys(("update_every", "prune_rate"), lambda recipe: recipe.get("mask_update") is not None),
+    **dict.fromkeys(("exploration", "penalty"), lambda recipe: recipe.get("mask_update") == "topkast"),
+    **dict.fromkeys(
+        ("merge_reduction", "recompute_every", "mask_sharing"), lambda recipe: recipe.get("merge_every") is not None
+    ),
+    **dict.fromkeys(("lora_r", "lora_alpha", "lora_targets"), lambda recipe: recipe.get("method") == "lora"),
+    "save_dtype": lambda recipe: recipe.get("method") in SPARSE_DIFF_METHODS,
+    **dict.fromkeys(("methods", "lr_by_method", "batch_size_by_method", "output_dir"), lambda recipe: False),
+}
+
 OPTIONAL_DEFAULTS = {
     "mask_rule": None,
     "mask_update": None,
@@ -46,79 +50,153 @@ OPTIONAL_DEFAULTS = {
     "extra_tags": [],
     "adapter_settings": None,
     "label_names": None,
+    "train_examples": None,
+    "validation_examples": None,
+    "eval_split": "validation",
 }
 
 
 def render_model_card(context: Mapping[str, Any], template: str | os.PathLike | None = None) -> str:
-    """The model card's Markdown (YAML front matter first), rendered from a Jinja2 template.
+    """The model card's Markdown (YAML front matter first); see `model_card`."""
+    return str(model_card(context, template))
 
-    `template` is the path of a Jinja2 template file; by default `model_cards/fish_adapter.md.j2`. Rendering is
-    strict: a key the template uses but `context` lacks raises `jinja2.UndefinedError` (for the default template
-    every required key below is checked up front, also those a section for another method skips).
 
-    Required context keys (pass None / empty where the text says so):
+def model_card(context: Mapping[str, Any], template: str | os.PathLike | None = None) -> ModelCard:
+    """A `huggingface_hub.ModelCard` whose metadata is `card_data(context)` and whose text is rendered from a Jinja2
+    template (by default `model_cards/fish_adapter.md.j2`; the template writes the metadata as `{{ card_data }}`).
+
+    Every variable the template uses must be in `context` (else `jinja2.UndefinedError`, naming them), apart from
+    the optional keys in `OPTIONAL_DEFAULTS`. The default template's keys (pass None / empty where the text says so):
 
     - `base_model` (str): Hub id or path of the base model, e.g. "bert-large-cased-whole-word-masking".
-    - `task` (str or None): the task / dataset configuration, e.g. "sst2".
-    - `dataset` (str or None): Hub id of the dataset, e.g. "nyu-mll/glue".
-    - `method` (str): "fish", "random", "magnitude", "lora", "full" or "bitfit". The mask sections appear for the
-      masks ("fish", "random", "magnitude"); "full" is described as a full fine-tune, loaded without PEFT.
+    - `task` (str or None): the task, e.g. "sst2".
+    - `dataset` (str or None): the data: a Hub dataset id (e.g. "nyu-mll/glue", with `task` as its configuration),
+      or a description that is not one (e.g. "train.csv (local file)"), which the metadata does not list.
+    - `method` (str): one of `CARD_METHODS`. The mask sections appear for `MASK_METHODS`; "full" is described as a
+      full fine-tune, loaded without PEFT.
     - `keep_ratio` (float or None): the mask's share of all parameters (head included), e.g. 0.005.
     - `num_labels` (int or None): classes of the head (1 for regression), used in the loading snippet.
     - `trainable_parameters` (int): parameters trained (sparse-diff values plus the head, or LoRA weights, ...).
     - `total_parameters` (int or None): parameters of the base model with its head.
-    - `adapter_bytes` (int or None): size of the saved adapter files.
-    - `metrics` (dict[str, float]): best validation results, e.g. {"accuracy": 0.93}; a leading "eval_" is dropped
-      in the card. May be empty (no results section, no model-index).
+    - `adapter_bytes` (int or None): size of the saved adapter (or model) files.
+    - `metrics` (dict[str, float]): best validation results, e.g. {"accuracy": 0.93}; a leading "eval_" is dropped.
+      May be empty (no results section, no model-index).
     - `mask_table` (list of dicts): `FishMask.report()` rows (parameter, shape, selected, size, density), or [].
       The card lists the 15 rows with most entries selected and says how many more there are.
     - `plot_file` (str or None): file name of the `plot_mask` PNG, relative to the card.
-    - `recipe_yaml` (str or None): the training recipe as YAML (e.g. `Recipe.to_yaml()`); None shows
-      `adapter_settings` instead.
+    - `recipe_yaml` (str or None): the training recipe as YAML (e.g. `Recipe.to_yaml()`), of which the card shows
+      the keys that apply to the run (`RECIPE_KEY_APPLIES`) and are set; None shows `adapter_settings` instead.
     - `license` (str): the card's license, e.g. "apache-2.0".
-    - `repo_id` (str or None): where the adapter will live on the Hub, used in the loading snippet;
-      None gives "path/to/adapter".
+    - `repo_id` (str or None): where the model will live on the Hub, used in the loading snippet; None gives
+      "path/to/adapter".
 
-    The metadata names `base_model` and `dataset` only when they are Hub ids (not local paths). Optional keys (defaults in
-    `OPTIONAL_DEFAULTS`): `mask_rule` (one line naming how the mask was chosen, `describe_mask_rule`),
-    `mask_update` ({"rule", "update_every", "prune_rate"} when the support evolved), `adapters` (one dict per
-    adapter in the repository: name, folder, selected, mask_rule), `main_adapter` ((name, sub-folder) of the adapter
-    the card describes when none lies at the top level), `pipeline_tag`, `auto_class`, `extra_tags`,
-    `adapter_settings` (what the card shows when there is no recipe), `label_names` (class names in id order: the
-    snippet passes them to the base model as `id2label`/`label2id`, since an adapter does not keep them, and shows
-    a `pipeline` that answers with them).
+    Optional keys: `mask_rule` (how the mask was chosen, `describe_mask_rule`), `mask_update` ({"rule",
+    "update_every", "prune_rate"} when the support evolved), `adapters` (one dict per adapter in the repository:
+    name, folder, selected, mask_rule), `main_adapter` ((name, sub-folder) of the adapter the card describes when none
+    lies at the top level), `pipeline_tag`, `auto_class`, `extra_tags`, `adapter_settings` (shown when there is no
+    recipe), `label_names` (class names in id order, which the snippet gives the base model, since an adapter does
+    not keep them), `train_examples` and `validation_examples` (data sizes), `eval_split` (the split of `metrics`).
     """
     import jinja2
+    import jinja2.meta
+    from huggingface_hub import ModelCard
 
     path = Path(template) if template is not None else DEFAULT_TEMPLATE
-    if template is None:
-        missing = [key for key in REQUIRED_KEYS if key not in context]
-        if missing:
-            raise jinja2.UndefinedError(f"render_model_card: the context lacks {', '.join(missing)}.")
-    method = context.get("method")
-    if method is not None and method not in CARD_METHODS:
-        raise ValueError(f"render_model_card: method must be one of {CARD_METHODS}, got {method!r}.")
+    context = {**OPTIONAL_DEFAULTS, **context}
+    values = {**context, **TEMPLATE_FUNCTIONS, **_derived(context)}
+    environment = jinja2.Environment()
+    used = jinja2.meta.find_undeclared_variables(environment.parse(path.read_text(encoding="utf-8")))
+    missing = sorted(used - set(values) - set(environment.globals) - {"card_data"})
+    if missing:
+        raise jinja2.UndefinedError(f"model card: the context lacks {', '.join(missing)}.")
+    return ModelCard.from_template(card_data(context), template_path=str(path), **values)
 
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(path.parent)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
+
+def card_data(context: Mapping[str, Any]) -> ModelCardData:
+    """The card's metadata: library, base model and datasets (when they are Hub ids), tags, license and the
+    validation results as model-index `EvalResult`s."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    method = context["method"]
+    if method not in CARD_METHODS:
+        raise ValueError(f"model card: method must be one of {CARD_METHODS}, got {method!r}.")
+    task, dataset = context.get("task"), context.get("dataset")
+    pipeline_tag = context.get("pipeline_tag") or OPTIONAL_DEFAULTS["pipeline_tag"]
+    dataset_id = _hub_id(dataset)
+    mask_update = context.get("mask_update")
+    tags = [
+        "fish-peft",
+        *(["peft"] if method in ADAPTER_METHODS else []),
+        *(["sparse-fine-tuning"] if method in SPARSE_DIFF_METHODS else []),
+        method,
+        *([task] if task else []),
+        *([mask_update["rule"].replace("_", "-")] if mask_update else []),
+        *context.get("extra_tags", []),
+    ]
+    split = context.get("eval_split") or "validation"
+    results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            task_name=pipeline_tag.replace("-", " ").title(),
+            dataset_type=dataset_id or dataset,
+            dataset_name=f"{dataset} {task}" if dataset_id and task else dataset,
+            dataset_config=task if dataset_id else None,
+            dataset_split=split,
+            metric_type=_metric_name(key),
+            metric_name=f"{split} {_metric_name(key)}",
+            metric_value=float(value),
+        )
+        for key, value in (context.get("metrics") or {}).items()
+    ] if dataset else []
+    return ModelCardData(
+        library_name="peft" if method in ADAPTER_METHODS else "transformers",
+        base_model=_hub_id(context.get("base_model")),
+        pipeline_tag=pipeline_tag,
+        tags=list(dict.fromkeys(tags)),
+        datasets=[dataset_id] if dataset_id else None,
+        license=context.get("license"),
+        model_name=card_name(context),
+        eval_results=results or None,
     )
-    env.filters.update(
-        yaml_str=_yaml_str,
-        yaml_num=_yaml_num,
-        py_str=_py_str,
-        thousands=lambda n: f"{int(n):,}",
-        percent=_percent,
-        human_bytes=_human_bytes,
-        py_id2label=_py_id2label,
-        metric_name=_metric_name,
-        metric_value=_metric_value,
-    )
-    env.globals.update(mask_methods=MASK_METHODS, sparse_methods=SPARSE_METHODS)
-    hub_ids = {f"{key}_id": context.get(key) if is_hub_id(context.get(key)) else None for key in ("base_model", "dataset")}
-    return env.get_template(path.name).render(**{**OPTIONAL_DEFAULTS, **context, **hub_ids})
+
+
+def card_name(context: Mapping[str, Any]) -> str:
+    """The card's title: the repository id, else "<base model>-<method>[-<task>]"."""
+    if context.get("repo_id"):
+        return context["repo_id"]
+    base = str(context["base_model"]).rstrip("/").split("/")[-1]
+    return "-".join([base, context["method"], *([context["task"]] if context.get("task") else [])])
+
+
+def recipe_for_card(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe keys that apply to the run and are set (`RECIPE_KEY_APPLIES`)."""
+    return {
+        key: value
+        for key, value in recipe.items()
+        if value is not None and RECIPE_KEY_APPLIES.get(key, lambda _: True)(recipe)
+    }
+
+
+def _derived(context: Mapping[str, Any]) -> dict[str, Any]:
+    """What the template computes from the context: names, Hub ids, the recipe to show."""
+    import yaml
+
+    recipe_yaml = context.get("recipe_yaml")
+    recipe = yaml.safe_load(recipe_yaml) if recipe_yaml else None
+    if isinstance(recipe, dict):
+        recipe_yaml = yaml.safe_dump(recipe_for_card(recipe), sort_keys=False)
+    return {
+        "name": card_name(context),
+        "base_model_id": _hub_id(context.get("base_model")),
+        "dataset_id": _hub_id(context.get("dataset")),
+        "recipe_yaml": recipe_yaml,
+        "mask_methods": MASK_METHODS,
+        "sparse_diff_methods": SPARSE_DIFF_METHODS,
+    }
+
+
+def _hub_id(name: str | None) -> str | None:
+    return name if is_hub_id(name) else None
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -159,11 +237,6 @@ def describe_mask_rule(info: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _yaml_str(value: Any) -> str:
-    """A double-quoted YAML scalar (JSON strings are valid YAML), safe whatever the text holds."""
-    return json.dumps(str(value), ensure_ascii=False)
-
-
 def _py_str(value: Any) -> str:
     """A double-quoted Python string literal (a JSON string is one)."""
     return json.dumps(str(value))
@@ -172,15 +245,6 @@ def _py_str(value: Any) -> str:
 def _py_id2label(names: Any) -> str:
     """["negative", "positive"] -> '{0: "negative", 1: "positive"}', a Python dict literal."""
     return "{" + ", ".join(f"{i}: {_py_str(name)}" for i, name in enumerate(names)) + "}"
-
-
-def _yaml_num(value: Any) -> str:
-    value = float(value)
-    if math.isnan(value):
-        return ".nan"
-    if math.isinf(value):
-        return ".inf" if value > 0 else "-.inf"
-    return repr(value)
 
 
 def _percent(fraction: float) -> str:
@@ -209,3 +273,15 @@ def _metric_name(key: str) -> str:
 def _metric_value(value: Any) -> str:
     value = float(value)
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+TEMPLATE_FUNCTIONS = {
+    "thousands": lambda n: f"{int(n):,}",
+    "percent": _percent,
+    "human_bytes": _human_bytes,
+    "py_str": _py_str,
+    "py_id2label": _py_id2label,
+    "metric_name": _metric_name,
+    "metric_value": _metric_value,
+}
+"""Formatting for the template, called as functions (`ModelCard.from_template` renders with Jinja's own filters)."""

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.tuner.config import FishConfig
-from fish_peft.hub.model_card import describe_mask_rule, render_model_card
+from fish_peft.hub.model_card import describe_mask_rule, model_card
 from fish_peft.tuner.packing import PACKED_KEYS
 from fish_peft.tuner.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, read_adapter_config, read_adapter_mask
 
@@ -60,7 +60,7 @@ def card_context(
     tags: tuple[str, ...] = (),
     label_names: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    """The `render_model_card` context of a saved folder; the keyword arguments fill in or override what the
+    """The `model_card` context of a saved folder; the keyword arguments fill in or override what the
     folder's files say (a run's own `recipe.yaml` and `results.json` say most of it). `label_names` are the class
     names in id order, which an adapter does not keep: the card's snippet gives them to the base model it loads."""
     folder = Path(folder)
@@ -88,7 +88,7 @@ def card_context(
     base = base_model or recipe.get("model") or _base_model_of(folder, config)
     task_type = getattr(config, "task_type", None) or "SEQ_CLS"
     pipeline_tag, auto_class = TASK_TYPES.get(str(task_type), ("text-classification", "AutoModel"))
-    split_metrics = next(iter(results.get("metrics", {}).values()), {})
+    eval_split, split_metrics = next(iter(results.get("metrics", {}).items()), ("validation", {}))
     first_task = task or recipe.get("task")
     return {
         "base_model": base,
@@ -115,6 +115,9 @@ def card_context(
         "extra_tags": list(tags),
         "adapter_settings": _settings(config) if fish else None,
         "label_names": label_names or results.get("label_names") or _config_label_names(folder),
+        "train_examples": results.get("train_examples"),
+        "validation_examples": _split_size(results.get("validation_examples"), eval_split),
+        "eval_split": eval_split,
     }
 
 
@@ -131,8 +134,13 @@ def write_model_card(folder: str | os.PathLike, **given) -> dict[str, Any]:
             plot_mask(read_adapter_mask(main), str(folder / MASK_PLOT))
     context = card_context(folder, **given)
     with atomic_path(str(folder / CARD)) as tmp:
-        Path(tmp).write_text(render_model_card(context))
+        model_card(context).save(tmp)
     return context
+
+
+def _split_size(sizes: Any, split: str) -> Optional[int]:
+    """The size of `split`, from `results.json`'s validation size (one number, or one per split)."""
+    return sizes.get(split) if isinstance(sizes, dict) else sizes
 
 
 def _read_yaml(path: Path) -> dict:

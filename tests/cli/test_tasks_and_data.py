@@ -1,5 +1,7 @@
 """GLUE task table, metrics (checked against scikit-learn and scipy) and the offline path files -> splits -> tokens."""
 
+import subprocess
+import sys
 import warnings
 
 import datasets
@@ -11,7 +13,7 @@ from sklearn import metrics as skm
 from transformers import BertTokenizerFast
 
 from fish_peft.cli.glue_data import load_raw_splits, prepare_splits, tokenize_splits
-from fish_peft.cli.tasks import GLUE_TASKS, METRICS, compute_metrics, custom_task, get_task
+from fish_peft.cli.tasks import GLUE_TASKS, METRICS, compute_metrics, custom_task, dataset_name, get_task
 from tests.glue_files import GLUE_SCHEMA, WORDS, write_glue_files
 
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -102,6 +104,28 @@ def test_degenerate_cases_follow_scikit_learn_and_scipy():
     assert np.isnan(METRICS["spearmanr"](labels.astype(float), np.full(4, 3.0)))
     with pytest.raises(ValueError, match="equal length"):
         METRICS["accuracy"](labels, labels[:3])
+
+
+def test_constant_input_gives_nan_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(METRICS["spearmanr"](np.full(5, 2.0), np.arange(5.0)))
+        assert METRICS["f1"](np.zeros(5, dtype=int), np.zeros(5, dtype=int)) == 0.0
+
+
+def test_the_task_table_loads_without_scikit_learn_or_scipy_stats():
+    loaded = "sorted(m for m in ('sklearn', 'scipy.stats') if m in sys.modules)"
+    code = f"import sys, fish_peft.cli.tasks as t; t.get_task('sst2'); print({loaded})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_dataset_names_claim_a_hub_id_only_for_hub_data():
+    assert dataset_name("sst2", None) == "nyu-mll/glue"
+    assert dataset_name("sst2", "/data/glue/sst2_train.csv") == "sst2_train.csv (local file)"
+    assert dataset_name("custom", "reviews.jsonl") == "reviews.jsonl (local file)"
+    assert "vaderSentiment" in dataset_name("rotten_tomatoes", None) and " " in dataset_name("rotten_tomatoes", None)
 
 
 def test_compute_metrics_accepts_class_ids_and_column_scores():

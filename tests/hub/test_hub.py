@@ -256,9 +256,13 @@ def test_fish_peft_push_of_a_run_folder_in_a_subprocess_with_hf_endpoint(hub, tm
         {k: v for k, v in results["metrics"]["validation"].items() if k not in ("loss", "epoch")}
     )
     assert meta["base_model"] == "prajjwal1/bert-tiny"
-    assert "datasets" not in meta and f"`{train.name} (local file)`" in body  # named, not listed as Hub datasets
-    assert {"tiny", "sst2", "fish"} <= set(meta["tags"])
-    assert "```yaml\n" in body and "keep_ratio: 0.005" in body
+    assert "datasets" not in meta and f"| data | {train.name} (local file)" in body  # named, not listed as Hub datasets
+    assert result["dataset"]["type"] == f"{train.name} (local file)" and "config" not in result["dataset"]
+    assert {"tiny", "sst2", "fish", "peft", "sparse-fine-tuning"} <= set(meta["tags"])
+    (shown,) = re.findall(r"```yaml\n(.*?)```", body, flags=re.S)
+    shown = yaml.safe_load(shown)
+    assert shown["keep_ratio"] == 0.005 and shown["num_samples"] == 8 and shown["train_file"] == train.name
+    assert not {"lora_r", "lr_by_method", "methods", "output_dir", "update_every", "merge_reduction"} & set(shown)
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "prajjwal1/bert-tiny"
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == checkpoint
 
@@ -395,3 +399,24 @@ def test_the_card_of_a_model_with_named_labels_gives_them_back(hub):
     assert 'pipeline("text-classification", model=merged, tokenizer=tokenizer)' in code
     fish_model(tiny_bert()).push_to_hub("alice/placeholder-labels")  # LABEL_0, LABEL_1, LABEL_2 name nothing
     assert "id2label" not in hub.files("alice/placeholder-labels")["README.md"].decode()
+
+
+def test_a_run_folders_card_shows_the_data_sizes_results_json_records(tmp_path):
+    from fish_peft.hub.run_facts import write_model_card
+
+    folder = tmp_path / "run"
+    fish_model(tiny_bert()).save_pretrained(folder)
+    results = {"dataset": "nyu-mll/glue", "metrics": {"validation_matched": {"accuracy": 0.8, "loss": 0.5}}}
+    (folder / "results.json").write_text(json.dumps(results))
+    write_model_card(folder, task="mnli")
+    assert "validation examples" not in (folder / "README.md").read_text()  # not recorded: not claimed
+
+    sizes = {"train_examples": 392_702, "validation_examples": {"validation_matched": 9_815, "validation_mismatched": 9_832}}
+    (folder / "results.json").write_text(json.dumps({**results, **sizes}))
+    write_model_card(folder, task="mnli")
+    meta, body = front_matter((folder / "README.md").read_text())
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"] == {"name": "nyu-mll/glue mnli", "type": "nyu-mll/glue", "config": "mnli", "split": "validation_matched"}
+    assert result["metrics"] == [{"type": "accuracy", "name": "validation_matched accuracy", "value": 0.8}]
+    assert ": 392,702 training and 9,815 validation examples |" in body
+    assert "on the `validation_matched` split (9,815 examples)" in body

@@ -1,4 +1,4 @@
-"""Where a mask landed (mask_by_layer, plot_mask) and the Hub model card (render_model_card)."""
+"""Where a mask landed (mask_by_layer, plot_mask) and the Hub model card (render_model_card: huggingface_hub.ModelCard)."""
 
 import re
 
@@ -9,7 +9,9 @@ import yaml
 
 from fish_peft import FishMask
 from fish_peft.hub.mask_plot import mask_by_layer, plot_mask
-from fish_peft.hub.model_card import render_model_card
+from fish_peft.cli.recipe import Recipe
+from fish_peft.cli.tasks import dataset_name
+from fish_peft.hub.model_card import RECIPE_KEY_APPLIES, is_hub_id, model_card, render_model_card
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -168,6 +170,87 @@ def test_model_card_missing_key_raises():
     del context["num_labels"]
     with pytest.raises(jinja2.UndefinedError):
         render_model_card(context)
+
+
+def test_model_card_is_a_huggingface_hub_model_card():
+    card = model_card(card_context(metrics={"pearson": float("nan"), "spearmanr": 0.5}))
+    assert card.data.library_name == "peft" and card.data.datasets == ["nyu-mll/glue"]
+    nan, spearman = card.data.eval_results
+    assert (spearman.dataset_type, spearman.dataset_config, spearman.metric_value) == ("nyu-mll/glue", "sst2", 0.5)
+    assert nan.metric_value != nan.metric_value  # NaN stays NaN
+    assert str(card) == render_model_card(card_context(metrics={"pearson": float("nan"), "spearmanr": 0.5}))
+
+
+def test_a_template_variable_the_context_lacks_is_named(tmp_path):
+    template = tmp_path / "card.md.j2"
+    template.write_text("---\n{{ card_data }}\n---\n# {{ name }} for {{ nonexistent }} and {{ typo_key }}\n")
+    with pytest.raises(jinja2.UndefinedError, match="lacks nonexistent, typo_key"):
+        render_model_card(card_context(), template)
+    template.write_text("---\n{{ card_data }}\n---\n# {{ name }}: {{ thousands(trainable_parameters) }}\n")
+    meta, body = front_matter(render_model_card(card_context(), template))
+    assert body == "# someone/bert-large-fish-sst2: 1,678,000" and meta["license"] == "apache-2.0"
+
+
+@pytest.mark.parametrize(
+    "method, library, tags",
+    [("fish", "peft", {"peft", "sparse-fine-tuning"}), ("bitfit", "peft", {"peft", "sparse-fine-tuning"}),
+     ("lora", "peft", {"peft"}), ("full", "transformers", set())],
+)
+def test_model_card_library_and_tags_say_what_the_method_is(method, library, tags):
+    meta, _ = front_matter(render_model_card(card_context(method=method)))
+    assert meta["library_name"] == library
+    assert set(meta["tags"]) & {"peft", "sparse-fine-tuning"} == tags
+    assert {"fish-peft", method, "sst2"} <= set(meta["tags"])
+
+
+def test_the_shipped_demo_data_is_not_claimed_as_a_hub_dataset():
+    dataset = dataset_name("rotten_tomatoes", None)
+    assert not is_hub_id(dataset) and dataset_name("sst2", None) == "nyu-mll/glue"
+    card = render_model_card(card_context(task="rotten_tomatoes", dataset=dataset))
+    meta, body = front_matter(card)
+    assert "datasets" not in meta
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"]["type"] == dataset and "config" not in result["dataset"]
+    assert "rotten_tomatoes" not in yaml.safe_dump(result)
+    assert f"| data | {dataset} |" in body and "fine-tuned on rotten_tomatoes with" in body
+    assert body.count("rotten_tomatoes") == 2  # the sentence and the task row, nowhere beside the data's name
+
+
+def test_model_card_names_the_task_once_and_the_hub_dataset_by_its_link():
+    _, body = front_matter(render_model_card(card_context(train_examples=67_349, validation_examples=872)))
+    assert "| task | sst2, 2 labels |" in body
+    assert "| data | [`nyu-mll/glue`](https://huggingface.co/datasets/nyu-mll/glue): 67,349 training and 872 validation examples |" in body
+    assert "on the `validation` split (872 examples)" in body
+    _, body = front_matter(render_model_card(card_context()))
+    assert "| data | [`nyu-mll/glue`](https://huggingface.co/datasets/nyu-mll/glue) |" in body and "validation examples" not in body
+
+
+def shown_recipe(**recipe):
+    method = recipe.get("method", "fish")
+    _, body = front_matter(render_model_card(card_context(method=method, recipe_yaml=Recipe(**recipe).to_yaml())))
+    (block,) = re.findall(r"```yaml\n(.*?)```", body, flags=re.S)
+    return yaml.safe_load(block)
+
+
+def test_the_card_shows_the_recipe_keys_that_apply_to_the_method():
+    mask_keys = {"keep_ratio", "num_samples", "fisher", "selection"}
+    evolving, merging = {"update_every", "prune_rate", "exploration", "penalty"}, {"merge_reduction", "mask_sharing"}
+    lora_keys, comparison = {"lora_r", "lora_alpha", "lora_targets"}, {"methods", "lr_by_method", "output_dir"}
+    fish = shown_recipe(method="fish", lr_by_method={"fish": 1e-3})
+    assert mask_keys <= set(fish) and not (evolving | merging | lora_keys | comparison) & set(fish)
+    assert {"task", "model", "lr", "epochs", "seed"} <= set(fish) and "train_file" not in fish  # unset keys left out
+    assert evolving <= set(shown_recipe(method="fish", mask_update="topkast"))
+    assert {"update_every", "prune_rate"} == set(shown_recipe(method="random", mask_update="sparse_momentum")) & evolving
+    assert merging | {"merge_every"} <= set(shown_recipe(method="fish", merge_every=5))
+    lora = shown_recipe(method="lora")
+    assert lora_keys <= set(lora) and not (mask_keys | {"save_dtype"}) & set(lora)
+    full = shown_recipe(method="full")
+    assert not (mask_keys | lora_keys | evolving | comparison | {"save_dtype"}) & set(full) and full["method"] == "full"
+    assert "keep_ratio" not in shown_recipe(method="bitfit")
+
+
+def test_every_key_the_card_may_leave_out_is_a_recipe_key():
+    assert set(RECIPE_KEY_APPLIES) <= set(yaml.safe_load(Recipe().to_yaml()))
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "bitfit"])
