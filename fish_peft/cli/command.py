@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from fish_peft.distributed.processes import leave_process_group
-from fish_peft.cli.recipe import METHODS, Recipe, load_recipe, parse_overrides
+from fish_peft.cli.recipe import METHODS, Recipe, SparseRecipe, describe_keys, load_recipe, parse_overrides
 
-RECIPE_KEYS = ", ".join(f.name for f in dataclasses.fields(Recipe))
-OVERRIDES_HELP = (
-    "Any recipe key can be overridden as --key value (dashes or underscores), e.g. --lr 1e-3 --method lora "
-    f"--output-dir outputs/x --text-columns sentence1,sentence2 --lr-by-method fish=2e-3,full=5e-5. Keys: {RECIPE_KEYS}."
-)
-
-
-def _sparse_keys() -> str:
-    from fish_peft.cli.sparse_train import SparseRecipe
-
-    return ", ".join(f.name for f in dataclasses.fields(SparseRecipe))
-
-
-SPARSE_OVERRIDES_HELP = f"Any recipe key can be overridden as --key value, e.g. --density 0.1 --method topkast. Keys: {_sparse_keys()}."
+# Only the standard library and fish_peft.cli.recipe load before the arguments are parsed: `--help` needs no torch.
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -35,6 +23,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from fish_peft.distributed.processes import leave_process_group
     from fish_peft.hub.push import HubError
 
     try:
@@ -49,41 +38,55 @@ def main(argv: Optional[list[str]] = None) -> int:
     return status
 
 
+def keys_help(recipe_cls: type = Recipe) -> str:
+    """The epilog of a command that reads a recipe: how to override a key, then every key with its default."""
+    example = "--lr 1e-3 --method lora --text-columns sentence1,sentence2 --lr-by-method fish=2e-3,full=5e-5"
+    if recipe_cls is SparseRecipe:
+        example = "--density 0.1 --method topkast"
+    how = f"Any recipe key can be overridden as --key value (dashes or underscores; none empties an optional key), e.g. {example}."
+    return f"{textwrap.fill(how, 100, break_on_hyphens=False)}\n\nrecipe keys:\n{describe_keys(recipe_cls)}"
+
+
+def _command(commands, name: str, handler: Callable, help: str, recipe_cls: Optional[type] = Recipe):
+    """A subcommand whose description is its handler's docstring and whose epilog lists `recipe_cls`'s keys."""
+    command = commands.add_parser(
+        name, help=help, description=inspect.cleandoc(handler.__doc__),
+        epilog=keys_help(recipe_cls) if recipe_cls else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fish-peft", description="Sparse fine-tuning with FISH masks on top of PEFT.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = commands.add_parser("train", help="fine-tune one method as a recipe says", description=train_command.__doc__, epilog=OVERRIDES_HELP)
+    train = _command(commands, "train", train_command, "fine-tune one method as a recipe says")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/glue/sst2.yaml")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder (its own files; yours stay)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    train.set_defaults(handler=train_command)
 
-    mask = commands.add_parser("mask", help="compute and save a mask and its per-module report", description=mask_command.__doc__, epilog=OVERRIDES_HELP)
+    mask = _command(commands, "mask", mask_command, "compute and save a mask and its per-module report")
     mask.add_argument("recipe")
     mask.add_argument("--overwrite", action="store_true", help="replace a mask already in the output folder")
-    mask.set_defaults(handler=mask_command)
 
-    evaluate = commands.add_parser("eval", help="evaluate a saved run", description=eval_command.__doc__, epilog=OVERRIDES_HELP)
+    evaluate = _command(commands, "eval", eval_command, "evaluate a saved run")
     evaluate.add_argument("run_dir", help="output folder of `fish-peft train`")
-    evaluate.set_defaults(handler=eval_command)
 
-    compare = commands.add_parser("compare", help="run several methods and tabulate them", description=compare_command.__doc__, epilog=OVERRIDES_HELP)
+    compare = _command(commands, "compare", compare_command, "run several methods and tabulate them")
     compare.add_argument("recipe")
     compare.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: the recipe's `methods`)")
     compare.add_argument("--overwrite", action="store_true")
-    compare.set_defaults(handler=compare_command)
 
-    sparse = commands.add_parser(
-        "sparse-train", help="train a network from scratch with Top-KAST or sparse momentum",
-        description=sparse_train_command.__doc__, epilog=SPARSE_OVERRIDES_HELP,
+    sparse = _command(
+        commands, "sparse-train", sparse_train_command, "train a network from scratch with Top-KAST or sparse momentum",
+        SparseRecipe,
     )
     sparse.add_argument("recipe", help="YAML recipe, e.g. recipes/sparse/digits_sparse_momentum.yaml")
     sparse.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     sparse.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
-    sparse.set_defaults(handler=sparse_train_command)
 
-    push = commands.add_parser("push", help="upload a run's adapter with its model card to the Hub", description=push_command.__doc__)
+    push = _command(commands, "push", push_command, "upload a run's adapter with its model card to the Hub", None)
     push.add_argument("run_dir", help="output folder of `fish-peft train` (or a folder `save_pretrained` wrote)")
     push.add_argument("repo_id", help="Hub repository, e.g. alice/minilm-sst2-fish (created if missing)")
     push.add_argument("--private", action="store_true", default=None, help="create the repository private")
@@ -93,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--base-model", help="Hub id of the base model, when the run names a local folder")
     push.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
     push.add_argument("--tag", action="append", dest="tags", default=[], help="extra card tag (repeatable)")
-    push.set_defaults(handler=push_command)
     return parser
 
 
@@ -185,7 +187,7 @@ def sparse_train_command(args, overrides) -> int:
     """Train a network from scratch at a fixed density (dense, static random mask, sparse momentum or Top-KAST) in
     an Accelerate loop (one process, or several under `accelerate launch`), and write results.json and the sparse
     model (sparse_model.safetensors: indices + values) into output_dir."""
-    from fish_peft.cli.sparse_train import SparseRecipe, train_sparse
+    from fish_peft.cli.sparse_train import train_sparse
 
     recipe = load_recipe(args.recipe, overrides, SparseRecipe)
     results = train_sparse(recipe, overwrite=args.overwrite, resume=args.resume)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,47 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.dynamic.checkpoint import save_sparse_model
 from fish_peft.dynamic.engine import NetworkMaskEngine
+from fish_peft.cli.recipe import SparseRecipe
 from fish_peft.cli.sparse_train_checkpoints import EpochCheckpoints, load_progress, writes_files
 from fish_peft.dynamic.sparse_momentum import SparseMomentum
 from fish_peft.dynamic.static import StaticSparse
-from fish_peft.dynamic.targets import SparseTrainingError
 from fish_peft.dynamic.topkast import TopKAST
-
-SPARSE_METHODS = ("dense", "static", "sparse_momentum", "topkast")
-
-
-@dataclass
-class SparseRecipe:
-    """A from-scratch sparse training run. Defaults follow the sparse momentum paper's MNIST setup, scaled to digits."""
-
-    method: str = "sparse_momentum"  # dense | static | sparse_momentum | topkast
-    model: str = "mlp"  # mlp (LeNet-300-100 shape) | cnn
-    dataset: str = "digits"
-    density: float = 0.05  # forward density for topkast
-    backward_density: Optional[float] = None  # topkast's D+M (default: twice the density, at most 1)
-    penalty: float = 1e-4  # topkast's exploration penalty λ
-    update_every: Optional[int] = None  # steps between mask updates (default: one epoch; 1 for topkast)
-    prune_rate: float = 0.5  # sparse momentum's initial prune rate
-    distribution: str = "uniform"  # uniform | erk
-    optimizer: str = "sgd"  # sgd | adam
-    lr: float = 0.1
-    momentum: float = 0.9
-    epochs: int = 30
-    batch_size: int = 64
-    seed: int = 0
-    output_dir: str = "outputs/sparse"
-
-    def __post_init__(self):
-        if self.method not in SPARSE_METHODS:
-            raise SparseTrainingError(f"method must be one of {SPARSE_METHODS}, got {self.method!r}.")
-        if self.model not in ("mlp", "cnn") or self.dataset != "digits" or self.optimizer not in ("sgd", "adam"):
-            raise SparseTrainingError(
-                f"Supported: model mlp|cnn, dataset digits, optimizer sgd|adam; got {self.model!r}, {self.dataset!r}, "
-                f"{self.optimizer!r}. For other models use the engines directly (see the README)."
-            )
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise SparseTrainingError("epochs and batch_size must be >= 1 and lr positive.")
-
 
 def digits_splits(test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     """The bundled digits, scaled to [0, 1], split the same way every time (stratified, fixed seed)."""

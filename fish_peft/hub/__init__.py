@@ -1,5 +1,6 @@
 """Sharing: the push of an adapter or run folder to the Hugging Face Hub, its model card, and the mask plot. Loaded
-on first use: `import fish_peft` pulls in only `install_push_to_hub`."""
+on first use: `import fish_peft` pulls in only `install_push_to_hub`, which imports nothing of fish-peft until a
+push."""
 
 import functools
 from typing import Any
@@ -13,14 +14,14 @@ def install_push_to_hub() -> None:
     replace the model card with a generic one after saving, and PEFT offers no hook; LoRA and the rest keep PEFT's."""
     from peft import PeftModel
 
-    from fish_peft.tuner.config import FishConfig
-
     original = PeftModel.push_to_hub
     if getattr(original, "_fish_peft", False):
         return
 
     @functools.wraps(original)
     def push_to_hub(self, repo_id: str, **kwargs: Any):
+        from fish_peft.tuner.config import FishConfig
+
         if not any(isinstance(config, FishConfig) for config in getattr(self, "peft_config", {}).values()):
             return original(self, repo_id, **kwargs)
         from fish_peft.hub.push import hub_keywords, push_adapter
