@@ -1,5 +1,6 @@
-"""`fish-peft train` in the FISH paper's distributed mode (a recipe with `merge_every`): under `accelerate launch`
-each process trains the FISH adapter on its own share of the batches and the `DiffMerger` merges the diffs. The
+"""`fish-peft train` with periodic diff averaging, the FISH paper's distributed mode (a recipe with `merge_every`:
+average every N steps): under `accelerate launch` each process trains the FISH adapter on its own share of the
+batches and the `DiffAverager` averages the diffs. The
 Trainer is used for its dataloader, optimizer and schedule (the recipe's settings), not for its training loop,
 which would wrap the model in DDP and average every step's gradients."""
 
@@ -14,33 +15,34 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from fish_peft.dynamic.diff_averaging import DiffMerger
+from fish_peft.dynamic.diff_averaging import DiffAverager
 from fish_peft.distributed.processes import rank_and_world
 from fish_peft.masks.fish_mask import FishMask
-from fish_peft.dynamic.averaging_checkpoints import MergeCheckpoints, load_merge_checkpoint
+from fish_peft.dynamic.averaging_checkpoints import AveragingCheckpoints, load_averaging_checkpoint
 from fish_peft.cli.recipe import Recipe
 from fish_peft.utils.rng_states import capture_rng, restore_rng
 from fish_peft.masks.selection import compute_fisher_mask
 
 
-def train_merged(
+def train_averaged(
     recipe: Recipe, model, trainer: Trainer, fisher_loader: Callable[[], DataLoader], checkpoints: Path,
     resume_from: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Train `model` (a PeftModel with a fixed FISH mask) by merged diffs, checkpointing into `checkpoints` (see
-    `merge_checkpoints.py`), or continuing from the checkpoint `resume_from`; returns what results.json reports."""
+    """Train `model` (a PeftModel with a fixed FISH mask) by averaged diffs, checkpointing into `checkpoints` (see
+    `dynamic/averaging_checkpoints.py`), or continuing from the checkpoint `resume_from`; returns what results.json
+    reports (under its earlier key "merging")."""
     loader = trainer.get_train_dataloader()  # prepared by Accelerate: each process gets its own batches
     steps = max(1, math.ceil(len(loader) * recipe.epochs))
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
-    merger = DiffMerger(
+    averager = DiffAverager(
         model, optimizer, merge_every=recipe.merge_every, reduction=recipe.merge_reduction,
         recompute_every=recipe.recompute_every, recompute_mask=lambda: recomputed_mask(recipe, model, fisher_loader()),
         total_steps=steps,
     )
-    rng = load_merge_checkpoint(resume_from, merger, scheduler) if resume_from else None
-    saver = MergeCheckpoints(checkpoints, len(loader), recipe.save_steps, last_saved=merger.steps)
-    started, first, done = time.perf_counter(), merger.steps, merger.steps
+    rng = load_averaging_checkpoint(resume_from, averager, scheduler) if resume_from else None
+    saver = AveragingCheckpoints(checkpoints, len(loader), recipe.save_steps, last_saved=averager.steps)
+    started, first, done = time.perf_counter(), averager.steps, averager.steps
     epoch, skip = divmod(done, len(loader))
     model.train()
     while done < steps:
@@ -61,22 +63,22 @@ def train_merged(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            merged = merger.step()
+            averaged = averager.step()
             done += 1
             if done == steps:
                 break
-            if merged and saver.due(done):
-                saver.save(merger, scheduler, epoch_start)
+            if averaged and saver.due(done):
+                saver.save(averager, scheduler, epoch_start)
         epoch += 1
-    merger.finish()
+    averager.finish()
     seconds = time.perf_counter() - started
     return {
         "train_seconds": seconds,
         "mean_step_seconds": seconds / max(1, steps - first),
         "merging": {
-            "steps": steps, "merges": merger.merges, "recomputations": merger.recomputations,
+            "steps": steps, "merges": averager.rounds, "recomputations": averager.recomputations,
             "processes": rank_and_world()[1], "mask_sharing": recipe.mask_sharing, "reduction": recipe.merge_reduction,
-            "bytes_per_process": merger.traffic.total(), "traffic": merger.traffic.as_dict(),
+            "bytes_per_process": averager.traffic.total(), "traffic": averager.traffic.as_dict(),
         },
     }
 
@@ -89,12 +91,18 @@ def epoch_batches(loader: DataLoader, epoch: int) -> Iterator:
 
 
 def recomputed_mask(recipe: Recipe, model, loader: DataLoader) -> FishMask:
-    """The recipe's FISH mask on the model as merged so far: over every process's data (shared) or this process's
+    """The recipe's FISH mask on the model as averaged so far: over every process's data (shared) or this process's
     own (individual)."""
     return compute_fisher_mask(
         model, loader, recipe.keep_ratio, recipe.num_samples, selection=recipe.selection, eligible=recipe.eligible,
         fisher=recipe.fisher, per_process=recipe.mask_sharing == "individual",
     )
+
+
+def averaged_mask(model, initial: Optional[FishMask]) -> Optional[FishMask]:
+    """The support of an averaged run's adapter (the union of every averaged position), for the plot and the card."""
+    config = model.peft_config["default"]
+    return config.mask if config.mask is not None else initial
 
 
 def own_share(dataset, recipe: Recipe):

@@ -8,7 +8,8 @@ from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.distributed.processes import rank_and_world
 from fish_peft.cli.output_folders import COMPARISON, check_output_folder
 from fish_peft.cli.recipe import Recipe
-from fish_peft.cli.training import check_output_dir, run, write_json
+from fish_peft.cli.run_output import write_json
+from fish_peft.cli.training import check_output_dir, run
 
 
 def compare(recipe: Recipe, overwrite: bool = False) -> str:

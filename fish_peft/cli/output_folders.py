@@ -45,7 +45,7 @@ RUN = FolderKind(
         "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",  # a full model
         "model.safetensors.index.json",
         "results.json", "recipe.yaml", "mask.png", "README.md",
-        # what training keeps for --resume (Trainer's checkpoints, merged training's, temporaries of both)
+        # what training keeps for --resume (Trainer's checkpoints, diff averaging's, temporaries of both)
         f"{CHECKPOINTS}/{RUN_RECIPE}", f"{CHECKPOINTS}/{RUN_MASK}", f"{CHECKPOINTS}/checkpoint-*",
         f"{CHECKPOINTS}/tmp-checkpoint-*", f"{CHECKPOINTS}/merge-*", f"{CHECKPOINTS}/.merge-*.saving",
         f"{CHECKPOINTS}/.{RUN_RECIPE}.tmp-*", f"{CHECKPOINTS}/.{RUN_MASK}.tmp-*",

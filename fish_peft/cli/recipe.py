@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 METHODS = ("fish", "random", "full", "lora", "bitfit")
-SPARSE_METHODS = ("dense", "static", "sparse_momentum", "topkast")
+SPARSE_TRAINING_METHODS = ("dense", "static", "sparse_momentum", "topkast")
 # The library's own choices, written out so that --help needs no torch; tests/cli/test_recipes.py checks they agree.
 MASK_UPDATES = (None, "topkast", "sparse_momentum")  # fish_peft.tuner.config.MASK_UPDATES
 FISHER_TYPES = ("empirical", "expected")  # fish_peft.masks.fisher.FISHER_TYPES
@@ -155,7 +155,7 @@ class SparseRecipe(Seeded):
     """A from-scratch sparse training run (`fish-peft sparse-train`). Defaults follow the sparse momentum paper's
     MNIST setup, scaled to scikit-learn's bundled digits."""
 
-    method: str = key("sparse_momentum", "dense, a static random mask, sparse momentum or Top-KAST", SPARSE_METHODS)
+    method: str = key("sparse_momentum", "dense, a static random mask, sparse momentum or Top-KAST", SPARSE_TRAINING_METHODS)
     model: str = key("mlp", "LeNet-300-100-shaped MLP or a small CNN (other models: use the engines in Python)", ("mlp", "cnn"))
     dataset: str = key("digits", "scikit-learn's bundled 8x8 handwritten digits (offline)", ("digits",))
     density: float = key(0.05, "share of each layer's weights that are nonzero (Top-KAST: the forward density)")

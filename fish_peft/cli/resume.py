@@ -8,14 +8,13 @@ then match neither run. So is the mask it started with, which is read back rathe
 
 An evolving diff (`mask_update`) also needs its engine's state, which `SparseTrainingCallback` writes into each
 checkpoint after the Trainer's files: a checkpoint without it is passed over too, and such runs keep the two
-newest checkpoints, so the one before stays until the newest is whole. Merged training (`merge_every`) runs its own
-loop, which keeps checkpoints of its own there (`merge_checkpoints.py`).
+newest checkpoints, so the one before stays until the newest is whole. Periodic diff averaging (`merge_every`) runs
+its own loop, which keeps checkpoints of its own there (`dynamic/averaging_checkpoints.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +24,7 @@ from transformers import TrainerCallback
 from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.tuner.config import FishConfig
 from fish_peft.masks.fish_mask import FishMask
-from fish_peft.dynamic.averaging_checkpoints import last_merge_checkpoint
+from fish_peft.dynamic.averaging_checkpoints import last_averaging_checkpoint, numbered_folders
 from fish_peft.cli.recipe import Recipe
 from fish_peft.dynamic.callback import ENGINE_STATE
 from fish_peft.tuner.adapter_files import AdapterFileError, read_adapter_config, read_adapter_mask
@@ -76,7 +75,7 @@ def interrupted(out: Path) -> bool:
     folder = out / CHECKPOINTS
     if not (folder / RUN_RECIPE).is_file():
         return False
-    return last_complete_checkpoint(folder) is not None or last_merge_checkpoint(folder) is not None
+    return last_complete_checkpoint(folder) is not None or last_averaging_checkpoint(folder) is not None
 
 
 def resume_point(recipe: Recipe, out: Path) -> Path:
@@ -86,7 +85,7 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
         raise FileNotFoundError(f"Nothing to resume in {out}: no interrupted run of `fish-peft train` is there.")
     check_same_recipe(yaml.safe_load(saved_path.read_text()), dataclasses.asdict(recipe), FREE_KEYS)
     if recipe.merge_every is not None:
-        checkpoint = last_merge_checkpoint(out / CHECKPOINTS)
+        checkpoint = last_averaging_checkpoint(out / CHECKPOINTS)
     else:
         checkpoint = last_complete_checkpoint(out / CHECKPOINTS, evolving=recipe.mask_update is not None)
     if checkpoint is None:
@@ -111,12 +110,7 @@ def check_same_recipe(saved: dict, given: dict, free_keys: tuple[str, ...]) -> N
 def last_complete_checkpoint(folder: Path, evolving: bool = False) -> Optional[Path]:
     """The checkpoint with the most steps whose save finished and whose files load (with the engine state, for
     an `evolving` diff)."""
-    found = []
-    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    for _, path in sorted(found, reverse=True):
+    for path in numbered_folders(folder, "checkpoint"):
         if _complete(path) and (not evolving or (path / ENGINE_STATE).is_file()):
             return path
     return None

@@ -1,13 +1,14 @@
-"""The FISH paper's distributed training, with real processes: every process trains its own copy of a FISH adapter
-on its own data (no DDP), and every `merge_every` steps the processes merge what their sparse diffs changed since
-the last merge (their sum or mean); every `recompute_every` merges the mask is recomputed.
+"""Periodic diff averaging, the FISH paper's distributed training with real processes: every process trains its own
+copy of a FISH adapter on its own data (no DDP), and every `merge_every` steps (read: average every N steps) the
+processes average what their sparse diffs changed since the last averaging round (their mean, or their sum); every
+`recompute_every` rounds the mask is recomputed. ("Averaging", not PEFT's "merge": the adapter stays an adapter.)
 
 Processes that share a mask exchange only its k values (one all-reduce); processes with masks of their own (the
 paper's individual masks, e.g. `compute_fisher_mask(..., per_process=True)` on each process's data) exchange k
-positions and values each (one all-gather). A merge folds the merged change into the base weights, so a process's
-adapter restarts from zero on the merged model; the task head, trained densely, is merged the same way. `finish()`
-turns everything merged into one FISH adapter over the union of the positions ever merged, which `save_pretrained`
-writes as usual.
+positions and values each (one all-gather). A round folds the averaged change into the base weights, so a process's
+adapter restarts from zero on the averaged model; the task head, trained densely, is averaged the same way. `finish()`
+turns everything averaged into one FISH adapter over the union of the positions ever averaged, which
+`save_pretrained` writes as usual. File keys ("merges", "merged") stay as earlier releases wrote them.
 """
 
 from __future__ import annotations
@@ -24,24 +25,24 @@ from fish_peft.distributed.processes import ProcessMismatchError, check_same_eve
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.masks.selection import base_named_parameters
 from fish_peft.dynamic.evolving_diff import diff_entries, fish_adapter_config
-from fish_peft.dynamic.optimizer_state import unwrap_optimizer
+from fish_peft.dynamic.optimizer_state import drop_parameter, entry_sources, rearrange_entries, unwrap_optimizer
 from fish_peft.dynamic.targets import SparseTrainingError
 
 REDUCTIONS = ("mean", "sum")
 
 
-class DiffMerger:
-    """Merges the FISH diffs that several processes train apart. Call `step()` after every `optimizer.step()` and
+class DiffAverager:
+    """Averages the FISH diffs that several processes train apart. Call `step()` after every `optimizer.step()` and
     `finish()` after the last one.
 
     Args:
         model: the `PeftModel` with a fixed-mask FISH adapter, not wrapped in DDP (prepare only the dataloader).
         optimizer: the optimizer that trains the adapter (Accelerate's wrapper is fine).
-        merge_every: local steps between merges (>= 1).
+        merge_every: local steps between averaging rounds (>= 1).
         reduction: "mean" or "sum" of the processes' changes.
-        recompute_every: merges between mask recomputations (None: the mask stays).
+        recompute_every: averaging rounds between mask recomputations (None: the mask stays).
         recompute_mask: `() -> FishMask`, called on every process at a recomputation.
-        total_steps: the run's length, if known: no mask is recomputed after the last merge.
+        total_steps: the run's length, if known: no mask is recomputed after the last round.
     """
 
     def __init__(
@@ -61,64 +62,69 @@ class DiffMerger:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
         if recompute_every is not None and (isinstance(recompute_every, bool) or not isinstance(recompute_every, int) or recompute_every < 1):
-            raise ValueError(f"recompute_every must be a whole number of merges >= 1 (or None), got {recompute_every!r}.")
+            raise ValueError(f"recompute_every must be a whole number of averaging rounds >= 1 (or None), got {recompute_every!r}.")
         if recompute_every is not None and recompute_mask is None:
             raise ValueError("recompute_every needs recompute_mask, the function that computes the new mask.")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise SparseTrainingError(
-                "Merged diffs train every process on its own: do not wrap the model in DDP (with Accelerate, prepare "
+                "Averaged diffs train every process on its own: do not wrap the model in DDP (with Accelerate, prepare "
                 "the optimizer and dataloader but not the model)."
             )
         self.adapter, self.config = fish_adapter_config(model, adapter_name)
         if self.config.mask_update is not None:
-            raise SparseTrainingError("Merged diffs need a fixed mask; this adapter's mask evolves (mask_update).")
+            raise SparseTrainingError("Averaged diffs need a fixed mask; this adapter's mask evolves (mask_update).")
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self.merge_every, self.reduction = merge_every, reduction
         self.recompute_every, self.recompute_mask = recompute_every, recompute_mask
         self.total_steps = total_steps
-        self.steps = self.merges = self.recomputations = 0
+        self.steps = self.rounds = self.recomputations = 0
         self.traffic = Traffic()
         self.base = dict(base_named_parameters(model))
         self.offsets = _offsets(self.base)
         self.head = {n: p for n, p in model.named_parameters() if p.requires_grad and ".fish_" not in n}
-        self.head_at_merge = {n: p.detach().clone() for n, p in self.head.items()}
-        self.original: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # positions ever merged into, their W then
+        self.head_at_round = {n: p.detach().clone() for n, p in self.head.items()}
+        self.original: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # positions ever averaged into, their W then
         self.entries = diff_entries(model, self.adapter, self.config)
-        check_same_everywhere(tensors_digest({**self.base, **self.head}), "model at the start of merged training")
+        check_same_everywhere(tensors_digest({**self.base, **self.head}), "model at the start of diff averaging")
 
     def step(self) -> bool:
-        """Call after `optimizer.step()`; merges every `merge_every` steps and returns whether it did."""
+        """Call after `optimizer.step()`; averages every `merge_every` steps and returns whether it did."""
         self.steps += 1
         if self.steps % self.merge_every:
             return False
-        self.merge()
+        self.average()
         return True
 
-    def merge(self) -> None:
-        """Fold the processes' merged changes into every process's model; the adapters restart from zero."""
-        shared = self._check_in("merge")
+    @property
+    def merges(self) -> int:
+        """The old name of `rounds`."""
+        return self.rounds
+
+    def average(self) -> None:
+        """Fold the processes' averaged changes into every process's model; the adapters restart from zero."""
+        shared = self._check_in("average")
         with torch.no_grad():
-            for name, (positions, change) in self._merged_changes(shared).items():
+            for name, (positions, change) in self._averaged_changes(shared).items():
                 self._fold(name, positions, change)
             for entry in self.entries:
                 entry.values.zero_()
-            self._merge_head()
-        self.merges += 1
+            self._average_head()
+        self.rounds += 1
         last = self.total_steps is not None and self.steps >= self.total_steps
-        if self.recompute_every and self.merges % self.recompute_every == 0 and not last:
+        if self.recompute_every and self.rounds % self.recompute_every == 0 and not last:
             self._recompute()
 
-    def _merge_head(self) -> None:
-        """The head's merged change, all of its tensors in one reduction."""
+    def _average_head(self) -> None:
+        """The head's averaged change, all of its tensors in one reduction."""
         names = sorted(self.head)
         if not names:
             return
-        changes = self._reduce(torch.cat([(self.head[n] - self.head_at_merge[n]).flatten() for n in names]), "head")
+        changes = self._reduce(torch.cat([(self.head[n] - self.head_at_round[n]).flatten() for n in names]), "head")
         for name, change in zip(names, changes.split([self.head[n].numel() for n in names])):
             parameter = self.head[name]
-            parameter.copy_(self.head_at_merge[name] + change.view_as(parameter))
-            self.head_at_merge[name] = parameter.detach().clone()
+            parameter.copy_(self.head_at_round[name] + change.view_as(parameter))
+            self.head_at_round[name] = parameter.detach().clone()
 
     def _check_in(self, what: str) -> bool:
         """Every process must be at the same step of the same call; returns whether all hold the same mask."""
@@ -130,7 +136,7 @@ class DiffMerger:
         if len({(w, s) for w, s, _ in reports}) > 1:
             raise ProcessMismatchError(
                 f"The processes are out of step: {[(w, s) for w, s, _ in reports]} (call, local steps) by rank. "
-                "Merged training needs every process to take the same number of steps: give each the same number "
+                "Diff averaging needs every process to take the same number of steps: give each the same number "
                 "of batches (a process with no data cannot take part)."
             )
         return len({d for _, _, d in reports}) == 1
@@ -138,8 +144,8 @@ class DiffMerger:
     def mask_digest(self) -> str:
         return tensors_digest({e.name: e.indices for e in self.entries})
 
-    def _merged_changes(self, shared: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{parameter: (flat positions, merged change)} of this merge."""
+    def _averaged_changes(self, shared: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{parameter: (flat positions, averaged change)} of this round."""
         entries = sorted(self.entries, key=lambda e: e.name)
         if shared:  # every process holds the same positions: reduce the values alone
             values = self._reduce(torch.cat([e.values.detach().flatten() for e in entries]), "diff values")
@@ -176,18 +182,18 @@ class DiffMerger:
         return gathered[0], gathered[1]
 
     def _fold(self, name: str, positions: torch.Tensor, change: torch.Tensor) -> None:
-        """W[positions] += change, remembering W at positions never merged into before."""
+        """W[positions] += change, remembering W at positions never averaged into before."""
         flat = self.base[name].data.view(-1)
         seen, before = self.original.get(name, (positions.new_zeros(0), flat.new_zeros(0)))
         new = positions[~torch.isin(positions, seen)]
-        merged = torch.cat([seen, new])
-        order = torch.argsort(merged)
-        self.original[name] = merged[order], torch.cat([before, flat[new].clone()])[order]
+        known = torch.cat([seen, new])
+        order = torch.argsort(known)
+        self.original[name] = known[order], torch.cat([before, flat[new].clone()])[order]
         flat.index_add_(0, positions, change.to(flat.dtype))
 
     def _recompute(self) -> None:
         """A new mask from `recompute_mask`, called with the sparse-diff layers bypassed: their values are zero just
-        after a merge, and the Fisher is taken in the base weights the layers wrap."""
+        after a round, and the Fisher is taken in the base weights the layers wrap."""
         layers = {id(e.layer): e.layer for e in self.entries}.values()
         for layer in layers:
             layer._disable_adapters = True
@@ -202,74 +208,74 @@ class DiffMerger:
         self.recomputations += 1
 
     def state_dict(self) -> dict:
-        """This process's part of the run right after a merge (its adapter holds zeros then): counters, traffic and
-        its mask. `merged_model_state()` holds the part every process shares; `load_state_dict` takes both."""
-        self._check_just_merged()
+        """This process's part of the run right after a round (its adapter holds zeros then): counters, traffic and
+        its mask. `averaged_model_state()` holds the part every process shares; `load_state_dict` takes both."""
+        self._check_just_averaged()
         return {
-            "processes": rank_and_world()[1], "steps": self.steps, "merges": self.merges,
+            "processes": rank_and_world()[1], "steps": self.steps, "merges": self.rounds,
             "recomputations": self.recomputations,
             "traffic": {"bytes": dict(self.traffic.bytes), "calls": dict(self.traffic.calls)},
             "mask": {e.name: e.indices.long().clone() for e in self.entries}, "mask_info": dict(self.config.mask_info),
         }
 
-    def merged_model_state(self) -> dict:
-        """What the merges so far changed, the same on every process: the base-weight entries they folded into
-        (positions, pretrained and merged values) and the task head."""
-        self._check_just_merged()
+    def averaged_model_state(self) -> dict:
+        """What the rounds so far changed, the same on every process: the base-weight entries they folded into
+        (positions, pretrained and averaged values) and the task head."""
+        self._check_just_averaged()
         folded = {}
         for name, (positions, pretrained) in self.original.items():
             merged = self.base[name].detach().view(-1)[positions].clone()
             folded[name] = {"positions": positions.clone(), "pretrained": pretrained.clone(), "merged": merged}
         return {"folded": folded, "head": {name: p.detach().clone() for name, p in self.head.items()}}
 
-    def load_state_dict(self, state: dict, merged_model: dict) -> None:
-        """Continue a run from its `state_dict()` and `merged_model_state()`, on a merger made like the run's: the
+    def load_state_dict(self, state: dict, averaged_model: dict) -> None:
+        """Continue a run from its `state_dict()` and `averaged_model_state()`, on an averager made like the run's: the
         model it started from (pretrained base weights; the adapter's mask is replaced by the saved one) and a new
         optimizer, whose state the caller restores after this."""
         world = rank_and_world()[1]
         if state["processes"] != world:
             raise SparseTrainingError(
-                f"This checkpoint of merged training was saved by {state['processes']} processes; resume it with as "
+                f"This checkpoint of diff averaging was saved by {state['processes']} processes; resume it with as "
                 f"many (now {world})."
             )
         with torch.no_grad():
             folded = {
                 name: {key: tensor.to(self.base[name].device) for key, tensor in saved.items()}
-                for name, saved in merged_model["folded"].items()
+                for name, saved in averaged_model["folded"].items()
             }
             for name, saved in folded.items():
                 flat = self.base[name].data.view(-1)
                 if not torch.equal(flat[saved["positions"]], saved["pretrained"].to(flat.dtype)):
                     raise SparseTrainingError(
-                        f"'{name}' does not hold the pretrained weights this checkpoint was merged into: load it onto "
+                        f"'{name}' does not hold the pretrained weights this checkpoint was averaged into: load it onto "
                         "the model the run started from, built afresh from the same pretrained checkpoint."
                     )
             for name, saved in folded.items():
                 self.base[name].data.view(-1)[saved["positions"]] = saved["merged"].to(self.base[name].dtype)
                 self.original[name] = saved["positions"], saved["pretrained"].to(self.base[name].dtype)
             for name, parameter in self.head.items():
-                parameter.copy_(merged_model["head"][name])
-                self.head_at_merge[name] = parameter.detach().clone()
+                parameter.copy_(averaged_model["head"][name])
+                self.head_at_round[name] = parameter.detach().clone()
         shapes = {name: tuple(self.base[name].shape) for name in state["mask"]}
         mask = FishMask(state["mask"], shapes, modules_to_save=self.config.modules_to_save or (), info=state["mask_info"])
         self._install(dict(mask), mask, values=None)
-        self.steps, self.merges, self.recomputations = state["steps"], state["merges"], state["recomputations"]
+        self.steps, self.rounds, self.recomputations = state["steps"], state["merges"], state["recomputations"]
         self.traffic.bytes.update(state["traffic"]["bytes"])
         self.traffic.calls.update(state["traffic"]["calls"])
-        check_same_everywhere(tensors_digest({**self.base, **self.head}), "merged model read back from the checkpoint")
+        check_same_everywhere(tensors_digest({**self.base, **self.head}), "averaged model read back from the checkpoint")
 
-    def _check_just_merged(self) -> None:
+    def _check_just_averaged(self) -> None:
         if self.steps % self.merge_every:
             raise SparseTrainingError(
-                f"Merged training is checkpointed right after a merge (every {self.merge_every} steps); this is step "
+                f"Diff averaging is checkpointed right after an averaging round (every {self.merge_every} steps); this is step "
                 f"{self.steps}."
             )
 
     def finish(self) -> None:
-        """Merge what is left, then make the adapter hold everything merged: the base weights go back to the
-        pretrained ones and the adapter's entries are the union of merged positions, valued W_merged - W."""
+        """Average what is left, then make the adapter hold everything averaged: the base weights go back to the
+        pretrained ones and the adapter's entries are the union of averaged positions, valued W_averaged - W."""
         if self.steps % self.merge_every:
-            self.merge()
+            self.average()
         self._check_in("finish")
         indices, values = {}, {}
         with torch.no_grad():
@@ -280,7 +286,7 @@ class DiffMerger:
                 indices[name] = positions
         shapes = {name: tuple(p.shape) for name, p in self.base.items()}
         mask = FishMask(indices, {n: shapes[n] for n in indices}, modules_to_save=self.config.modules_to_save or (),
-                        info={**self.config.mask_info, "merged_from_processes": rank_and_world()[1], "merges": self.merges})
+                        info={**self.config.mask_info, "merged_from_processes": rank_and_world()[1], "merges": self.rounds})
         self._install(indices, mask, values)
 
     def _install(self, indices: dict[str, torch.Tensor], mask: FishMask, values: Optional[dict[str, torch.Tensor]]) -> None:
@@ -299,21 +305,19 @@ class DiffMerger:
             if wanted is None:
                 continue
             wanted = wanted.long().sort().values
-            data = torch.zeros(wanted.numel(), device=entry.values.device) if values is None else values[entry.name]
-            parameter = nn.Parameter(data.to(entry.values.device).contiguous())
-            state = {}
-            if self.optimizer is not None and entry.name in old:  # the entry's values before this call
-                state = _state_at(self.optimizer.state.get(entry.values, {}), entry.indices.long(), wanted)
-                _drop(self.optimizer, entry.values)
+            data = torch.zeros(wanted.numel()) if values is None else values[entry.name]
+            if entry.name in old:  # trained before this call: its optimizer state moves with its positions
+                sources = entry_sources(entry.indices.long(), wanted)
+                (parameter,) = rearrange_entries(self.optimizer, [entry.values], [sources])
+                parameter.data = data.to(parameter.device).contiguous()
+            else:
+                parameter = nn.Parameter(data.to(entry.values.device).contiguous())
+                if self.optimizer is not None:
+                    group["params"].append(parameter)
             entry.set_entries(wanted, parameter)
-            if self.optimizer is not None:
-                group["params"].append(parameter)
-                if state:
-                    self.optimizer.state[parameter] = state
         for name, entry in old.items():
             if name not in indices:
-                if self.optimizer is not None:
-                    _drop(self.optimizer, entry.values)
+                drop_parameter(self.optimizer, entry.values)
                 entry.layer.remove_parameter(entry.adapter, entry.attr)
         self.entries = [e for e in self.entries if e.name in indices]
 
@@ -347,26 +351,6 @@ def _split_by_parameter(positions: torch.Tensor, values: torch.Tensor, offsets: 
     return result
 
 
-def _state_at(state: dict, old_indices: torch.Tensor, new_indices: torch.Tensor) -> dict:
-    """Per-entry optimizer state moved to `new_indices` (zero where an entry is new); scalars (step) kept."""
-    where = torch.searchsorted(old_indices, new_indices).clamp(max=max(old_indices.numel() - 1, 0))
-    kept = old_indices.numel() > 0
-    found = (old_indices[where] == new_indices) if kept else torch.zeros_like(new_indices, dtype=torch.bool)
-    moved = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() == 1 and value.numel() == old_indices.numel() and kept:
-            moved[key] = torch.where(found, value[where], torch.zeros((), dtype=value.dtype))
-        else:
-            moved[key] = value
-    return moved
-
-
-def _drop(optimizer, parameter: nn.Parameter) -> None:
-    for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if p is not parameter]
-    optimizer.state.pop(parameter, None)
-
-
 def _wrap_new_modules(model: nn.Module, config: FishConfig, adapter: str) -> None:
     """Wrap the modules `config` names that the adapter does not wrap yet, and add adapted parameters to wrapped
     ones (with placeholder entries that `_install` fills)."""
@@ -383,3 +367,6 @@ def _wrap_new_modules(model: nn.Module, config: FishConfig, adapter: str) -> Non
             target.add_parameters(adapter, {a: idx for a, idx in indices.items() if a not in target.adapted_parameters(adapter)})
         else:
             tuner._create_and_replace(config, adapter, target, target_name, parent, current_key=module_name)
+
+
+DiffMerger = DiffAverager  # its earlier name ("merge" there meant this averaging, not PEFT's merge)

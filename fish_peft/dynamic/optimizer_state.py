@@ -90,6 +90,25 @@ def rearrange_entries(optimizer, parameters: list[torch.nn.Parameter], sources: 
     return result
 
 
+def entry_sources(old_indices: torch.Tensor, new_indices: torch.Tensor) -> torch.Tensor:
+    """`rearrange_entries`' sources for an entry moving from sorted `old_indices` to sorted `new_indices`: where each
+    new position was among the old ones, -1 where it is new."""
+    new_indices = new_indices.to(old_indices.device)
+    if old_indices.numel() == 0:
+        return torch.full_like(new_indices, -1)
+    where = torch.searchsorted(old_indices, new_indices).clamp(max=old_indices.numel() - 1)
+    return torch.where(old_indices[where] == new_indices, where, torch.full_like(where, -1))
+
+
+def drop_parameter(optimizer, parameter: torch.nn.Parameter) -> None:
+    """Stop training `parameter`: out of its param group, its state forgotten (nothing without an optimizer)."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if p is not parameter]
+    optimizer.state.pop(parameter, None)
+
+
 def _replace_parameter(optimizer, old: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
     new = torch.nn.Parameter(data, requires_grad=old.requires_grad)
     if optimizer is not None:

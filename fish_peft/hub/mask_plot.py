@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.masks.fish_mask import FishMask
+from fish_peft.masks.selection import in_modules
 
 _EMBEDDING_LIKE = re.compile(r"emb|wte|wpe|shared", re.IGNORECASE)
 
@@ -84,8 +85,7 @@ def _all_shapes(mask: FishMask, shapes: Mapping[str, Sequence[int]] | None) -> d
     """The masked parameters' shapes plus, from `shapes`, those the mask left out (shown as 0); not the head."""
     result: dict[str, tuple[int, ...]] = {}
     for name, shape in (shapes or {}).items():
-        owner = f".{name.rpartition('.')[0]}."
-        if any(f".{head}." in owner for head in mask.modules_to_save):
+        if in_modules(name, mask.modules_to_save):
             continue  # the head is trained in full, not part of the sparse diff
         result[name] = tuple(int(s) for s in shape)
     for name, shape in mask.shapes.items():

@@ -22,7 +22,6 @@ MASK_METHODS = ("fish", "random", "magnitude")  # the methods whose card shows t
 SPARSE_DIFF_METHODS = MASK_METHODS + ("bitfit",)  # saved as fish-peft sparse-diff adapters
 ADAPTER_METHODS = SPARSE_DIFF_METHODS + ("lora",)  # saved as PEFT adapters (the rest: a whole transformers model)
 CARD_METHODS = ADAPTER_METHODS + ("full",)  # every method a card can describe
-SPARSE_METHODS = SPARSE_DIFF_METHODS  # old name: remove once cli/training.py imports SPARSE_DIFF_METHODS
 
 
 # Recipe keys that apply to some runs only, with the test of a recipe (dict) they apply to; every other key applies

@@ -21,6 +21,7 @@ from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.tuner.config import FishConfig
 from fish_peft.hub.model_card import describe_mask_rule, model_card
 from fish_peft.tuner.packing import PACKED_KEYS
+from fish_peft.masks.selection import in_modules
 from fish_peft.tuner.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, read_adapter_config, read_adapter_mask
 
 MASK_PLOT = "mask.png"
@@ -160,7 +161,7 @@ def _head_tensors(folder: Path, heads) -> dict[str, tuple[int, ...]]:
         return {
             key: tuple(file.get_slice(key).get_shape())
             for key in file.keys()
-            if key not in PACKED_KEYS and any(f".{head}." in f".{key}" for head in heads)
+            if key not in PACKED_KEYS and in_modules(key, heads)
         }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Optional, Union
+from typing import Optional, TypedDict, Union, Unpack
 
 import torch
 from torch import nn
@@ -23,9 +23,20 @@ HEAD_MODULE_NAMES = ("classifier", "score")  # the heads PEFT keeps trainable fo
 SELECTIONS = ("global", "per_module")
 
 Eligible = Optional[Union[str, Callable[[str, nn.Parameter], bool]]]
+ModulesToSave = Union[str, Sequence[str], None]
 
 
-def resolve_modules_to_save(model: nn.Module, modules_to_save: Union[str, Sequence[str], None]) -> list[str]:
+class MaskOptions(TypedDict, total=False):
+    """The keyword options every mask function takes: `modules_to_save` ("auto": the task head; kept fully trainable
+    and counted in the budget), `selection` ("global" or "per_module") and `eligible` (a regex on parameter names or a
+    `(name, param) -> bool` callable narrowing the candidates)."""
+
+    modules_to_save: ModulesToSave
+    selection: str
+    eligible: Eligible
+
+
+def resolve_modules_to_save(model: nn.Module, modules_to_save: ModulesToSave) -> list[str]:
     """`"auto"` finds the task head (a module named `classifier` or `score`); a list is taken as given."""
     if modules_to_save is None:
         return []
@@ -38,7 +49,8 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Union[str, Sequen
 
 
 def in_modules(param_name: str, modules: Iterable[str]) -> bool:
-    """Whether the parameter's owning module is, or lies inside, one of `modules` (matched by name suffix)."""
+    """Whether the parameter's owning module is, or lies inside, one of `modules` (matched by name suffix): the one
+    `modules_to_save` matcher, for names in the bare model or in PEFT's (`base_model.model.` prefixed) files."""
     owner = f".{param_name.rpartition('.')[0]}."
     return any(f".{m}." in owner for m in modules)
 
@@ -140,10 +152,11 @@ def build_mask(
     model: nn.Module,
     score_fn: Callable[[dict[str, nn.Parameter]], dict[str, torch.Tensor]],
     keep_ratio: float,
-    modules_to_save: Union[str, Sequence[str], None],
-    selection: str,
-    eligible: Eligible,
     info: dict,
+    *,
+    modules_to_save: ModulesToSave = "auto",
+    selection: str = "global",
+    eligible: Eligible = None,
 ) -> FishMask:
     """Shared path of every mask: budget → scores of the eligible parameters → top-k → FishMask."""
     heads = resolve_modules_to_save(model, modules_to_save)
@@ -167,7 +180,7 @@ def compute_fisher_mask(
     keep_ratio: float = 0.005,
     num_samples: int = 1024,
     *,
-    modules_to_save: Union[str, Sequence[str], None] = "auto",
+    modules_to_save: ModulesToSave = "auto",
     selection: str = "global",
     eligible: Eligible = None,
     fisher: str = "empirical",
@@ -188,63 +201,47 @@ def compute_fisher_mask(
     info = {"method": "fisher", "fisher": fisher, "num_samples": num_samples}
     if fisher_kwargs.get("per_process"):
         info["per_process"] = True  # each process its own mask: not compared across processes
-    return build_mask(model, score_fn, keep_ratio, modules_to_save, selection, eligible, info)
+    return build_mask(model, score_fn, keep_ratio, info, modules_to_save=modules_to_save, selection=selection, eligible=eligible)
 
 
 def mask_from_scores(
     model: nn.Module,
     scores: dict[str, torch.Tensor],
     keep_ratio: float = 0.005,
-    *,
-    modules_to_save: Union[str, Sequence[str], None] = "auto",
-    selection: str = "global",
-    eligible: Eligible = None,
+    **options: Unpack[MaskOptions],
 ) -> FishMask:
-    """The mask of precomputed scores (e.g. from `compute_fisher`) under the same budget rules."""
+    """The mask of precomputed scores (e.g. from `compute_fisher`) under the same budget rules (options:
+    `MaskOptions`)."""
     def score_fn(candidates):
         absent = [name for name in candidates if name not in scores]
         if absent:
             raise ValueError(f"No score for {len(absent)} eligible parameter(s), e.g. '{absent[0]}'; score them or narrow `eligible`.")
         return scores
 
-    return build_mask(model, score_fn, keep_ratio, modules_to_save, selection, eligible, {"method": "scores"})
+    return build_mask(model, score_fn, keep_ratio, {"method": "scores"}, **options)
 
 
-def random_mask(
-    model: nn.Module,
-    keep_ratio: float = 0.005,
-    seed: int = 0,
-    *,
-    modules_to_save: Union[str, Sequence[str], None] = "auto",
-    selection: str = "global",
-    eligible: Eligible = None,
-) -> FishMask:
-    """The paper's control: the same budget as `compute_fisher_mask`, entries drawn uniformly at random."""
+def random_mask(model: nn.Module, keep_ratio: float = 0.005, seed: int = 0, **options: Unpack[MaskOptions]) -> FishMask:
+    """The paper's control: the same budget as `compute_fisher_mask`, entries drawn uniformly at random (options:
+    `MaskOptions`)."""
     generator = torch.Generator().manual_seed(seed)
 
     def score_fn(candidates):
         return {name: torch.rand(p.numel(), generator=generator) for name, p in candidates.items()}
 
-    return build_mask(model, score_fn, keep_ratio, modules_to_save, selection, eligible, {"method": "random", "seed": seed})
+    return build_mask(model, score_fn, keep_ratio, {"method": "random", "seed": seed}, **options)
 
 
-def magnitude_mask(
-    model: nn.Module,
-    keep_ratio: float = 0.005,
-    *,
-    modules_to_save: Union[str, Sequence[str], None] = "auto",
-    selection: str = "global",
-    eligible: Eligible = None,
-) -> FishMask:
-    """Data-free baseline: the same budget, entries with the largest |θ|."""
+def magnitude_mask(model: nn.Module, keep_ratio: float = 0.005, **options: Unpack[MaskOptions]) -> FishMask:
+    """Data-free baseline: the same budget, entries with the largest |θ| (options: `MaskOptions`)."""
 
     def score_fn(candidates):
         return {name: p.detach().abs().cpu() for name, p in candidates.items()}
 
-    return build_mask(model, score_fn, keep_ratio, modules_to_save, selection, eligible, {"method": "magnitude"})
+    return build_mask(model, score_fn, keep_ratio, {"method": "magnitude"}, **options)
 
 
-def bias_mask(model: nn.Module, *, modules_to_save: Union[str, Sequence[str], None] = "auto") -> FishMask:
+def bias_mask(model: nn.Module, *, modules_to_save: ModulesToSave = "auto") -> FishMask:
     """BitFit as a sparse diff: every entry of every bias (LayerNorm biases included), the head trained in full."""
     heads = resolve_modules_to_save(model, modules_to_save)
     candidates, _, num_total = partition_parameters(model, heads, lambda name, _p: name.endswith("bias"))

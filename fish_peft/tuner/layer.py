@@ -53,7 +53,7 @@ class _ExplorationGradient(torch.autograd.Function):
         return grad, grad[indices.long()], None
 
 
-class _Wrapper(nn.Module):
+class ForwardsAttributesToBaseLayer(nn.Module):
     """A module around `base_layer` that exposes the wrapped module's attributes (`eps`, `padding_idx`, ...)."""
 
     def __getattr__(self, name: str) -> Any:
@@ -65,7 +65,7 @@ class _Wrapper(nn.Module):
             return getattr(self.base_layer, name)
 
 
-class FishLayer(_Wrapper, BaseTunerLayer):
+class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
     """Wraps any module and adds sparse diffs Δ to parameters of that module: the forward runs with W + Δ.
 
     Per adapter and adapted parameter it holds a trainable 1-D tensor of values and a non-trainable buffer of sorted
@@ -300,7 +300,7 @@ def _in_out_features(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
         return None, None
 
 
-class FishTiedLayer(_Wrapper, BaseTunerLayer):
+class FishTiedLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
     """Stands in for a module that shares a parameter with a `FishLayer`'s module (GPT-2's `lm_head` and `wte`).
 
     The diff is applied wherever the tied weight is used, so the adapted model equals a dense model with W + Δ. The

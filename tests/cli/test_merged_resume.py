@@ -1,5 +1,5 @@
-"""Merged training (the FISH paper's distributed mode) resumes: a `DiffMerger` run continued from a checkpoint taken
-after a merge ends with the model of an uninterrupted run, with the mask recomputed along the way; `fish-peft train`
+"""Periodic diff averaging (the FISH paper's distributed mode) resumes: a `DiffAverager` run continued from a checkpoint taken
+after an averaging round ends with the model of an uninterrupted run, with the mask recomputed along the way; `fish-peft train`
 with `merge_every` in two processes, killed with SIGKILL and resumed, ends with the same adapter."""
 
 import json
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from fish_peft import random_mask
-from fish_peft.dynamic.diff_averaging import DiffMerger
-from fish_peft.dynamic.averaging_checkpoints import MergeCheckpoints, last_merge_checkpoint, load_merge_checkpoint
+from fish_peft.dynamic.diff_averaging import DiffAverager
+from fish_peft.dynamic.averaging_checkpoints import AveragingCheckpoints, last_averaging_checkpoint, load_averaging_checkpoint
 from fish_peft.cli.resume import CHECKPOINTS
 from fish_peft.utils.rng_states import capture_rng
 from fish_peft.masks.selection import base_named_parameters
@@ -26,37 +26,37 @@ from tests.workers.merge_worker import BATCH, optimizer_for, shard, train_one_ba
 STEPS = 12
 
 
-def merged_run(folder, stop_after=None, resume=False):
-    """Train 12 steps merging every 2, a new random mask after every merge; with `stop_after`, checkpoint at that
+def averaged_run(folder, stop_after=None, resume=False):
+    """Train 12 steps averaging every 2, a new random mask after every round; with `stop_after`, checkpoint at that
     step into `folder` and stop; with `resume`, continue from the checkpoint in `folder`."""
     model = worker_model(0)
     optimizer = optimizer_for(model)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=STEPS)
-    merger = DiffMerger(model, optimizer, merge_every=2, recompute_every=1, total_steps=STEPS,
-                        recompute_mask=lambda: random_mask(model, 0.05, seed=merger.merges))
+    averager = DiffAverager(model, optimizer, merge_every=2, recompute_every=1, total_steps=STEPS,
+                        recompute_mask=lambda: random_mask(model, 0.05, seed=averager.rounds))
     if resume:
-        load_merge_checkpoint(last_merge_checkpoint(folder), merger, scheduler)
+        load_averaging_checkpoint(last_averaging_checkpoint(folder), averager, scheduler)
     batches = list(torch.utils.data.DataLoader(shard(0) + shard(1), batch_size=BATCH))
-    for batch in batches[merger.steps:]:
+    for batch in batches[averager.steps:]:
         train_one_batch(model, optimizer, batch)
         scheduler.step()
-        merger.step()
-        if merger.steps == stop_after:
-            MergeCheckpoints(folder, steps_per_epoch=STEPS, save_steps=None).save(merger, scheduler, capture_rng())
-            return merger
-    merger.finish()
-    return merger
+        averager.step()
+        if averager.steps == stop_after:
+            AveragingCheckpoints(folder, steps_per_epoch=STEPS, save_steps=None).save(averager, scheduler, capture_rng())
+            return averager
+    averager.finish()
+    return averager
 
 
-def test_a_merged_run_resumed_after_a_merge_ends_with_the_uninterrupted_model(tmp_path):
-    whole = merged_run(tmp_path).model
-    stopped = merged_run(tmp_path, stop_after=6)
-    assert stopped.recomputations == 3 and last_merge_checkpoint(tmp_path).name == "merge-6"
+def test_a_averaged_run_resumed_after_a_merge_ends_with_the_uninterrupted_model(tmp_path):
+    whole = averaged_run(tmp_path).model
+    stopped = averaged_run(tmp_path, stop_after=6)
+    assert stopped.recomputations == 3 and last_averaging_checkpoint(tmp_path).name == "merge-6"
     cut_off = tmp_path / ".merge-8.saving"  # a save killed before every process had written its file
     cut_off.mkdir()
     (cut_off / "process-0.pt").write_bytes(b"")
-    assert last_merge_checkpoint(tmp_path).name == "merge-6"
-    resumed = merged_run(tmp_path, resume=True).model
+    assert last_averaging_checkpoint(tmp_path).name == "merge-6"
+    resumed = averaged_run(tmp_path, resume=True).model
 
     expected, got = whole.state_dict(), resumed.state_dict()
     assert sorted(expected) == sorted(got)
@@ -65,24 +65,24 @@ def test_a_merged_run_resumed_after_a_merge_ends_with_the_uninterrupted_model(tm
     assert resumed.peft_config["default"].sparse_parameters == whole.peft_config["default"].sparse_parameters
 
 
-def test_a_checkpoint_is_taken_only_after_a_merge_and_loads_only_onto_the_pretrained_model(tmp_path):
-    with pytest.raises(SparseTrainingError, match="right after a merge"):
-        merged_run(tmp_path, stop_after=5)  # step 5: no merge there
+def test_a_checkpoint_is_taken_only_after_an_averaging_round_and_loads_only_onto_the_pretrained_model(tmp_path):
+    with pytest.raises(SparseTrainingError, match="right after an averaging round"):
+        averaged_run(tmp_path, stop_after=5)  # step 5: no merge there
     assert not list(tmp_path.iterdir())
-    merged_run(tmp_path, stop_after=4)
+    averaged_run(tmp_path, stop_after=4)
     model = worker_model(0)
     with torch.no_grad():
         for _, parameter in base_named_parameters(model):
             parameter.add_(1.0)  # e.g. a model merged into already
     optimizer = optimizer_for(model)
-    fresh = DiffMerger(model, optimizer, merge_every=2)
+    fresh = DiffAverager(model, optimizer, merge_every=2)
     with pytest.raises(ValueError, match="checkpointed with a learning-rate schedule"):
-        load_merge_checkpoint(last_merge_checkpoint(tmp_path), fresh, None)
+        load_averaging_checkpoint(last_averaging_checkpoint(tmp_path), fresh, None)
     with pytest.raises(SparseTrainingError, match="pretrained weights"):
-        load_merge_checkpoint(last_merge_checkpoint(tmp_path), fresh, torch.optim.lr_scheduler.LinearLR(optimizer))
+        load_averaging_checkpoint(last_averaging_checkpoint(tmp_path), fresh, torch.optim.lr_scheduler.LinearLR(optimizer))
 
 
-def test_merged_training_killed_with_sigkill_in_two_processes_resumes_to_the_same_adapter(tmp_path, capsys):
+def test_diff_averaging_killed_with_sigkill_in_two_processes_resumes_to_the_same_adapter(tmp_path, capsys):
     """Individual masks, recomputed every 5 merges; 50 steps per epoch, checkpoints every 10 steps. Killed (launcher
     and workers) after checkpoint 30 (epoch 1), resumed, killed again after checkpoint 70 (epoch 2), resumed."""
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny-bert", WORDS)

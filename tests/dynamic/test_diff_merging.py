@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
 from fish_peft import random_mask
-from fish_peft.dynamic.diff_averaging import DiffMerger
+from fish_peft.dynamic.diff_averaging import DiffAverager
 from fish_peft.tuner.layer import FishLayer
 from fish_peft.masks.selection import base_named_parameters
 from tests.distributed_launch import launch, train_sst2_in_two_processes
@@ -106,21 +106,21 @@ def test_a_process_that_runs_out_of_data_stops_every_process(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
-def test_merging_in_one_process_changes_nothing_and_finish_keeps_the_model():
+def test_averaging_in_one_process_changes_nothing_and_finish_keeps_the_model():
     def train(merge: bool, recompute: bool = False):
         model = worker_model(0)
         optimizer = optimizer_for(model)
-        merger = None
+        averager = None
         if merge:
-            kwargs = {"recompute_every": 1, "recompute_mask": lambda: random_mask(model, 0.05, seed=merger.merges)} if recompute else {}
-            merger = DiffMerger(model, optimizer, merge_every=2, **kwargs)
+            kwargs = {"recompute_every": 1, "recompute_mask": lambda: random_mask(model, 0.05, seed=averager.rounds)} if recompute else {}
+            averager = DiffAverager(model, optimizer, merge_every=2, **kwargs)
         for batch in list(torch.utils.data.DataLoader(shard(0), batch_size=BATCH))[:5]:
             train_one_batch(model, optimizer, batch)
-            if merger:
-                merger.step()
+            if averager:
+                averager.step()
         before = logits(model)
-        if merger:
-            merger.finish()
+        if averager:
+            averager.finish()
         trained = {id(p) for p in model.parameters() if p.requires_grad}
         assert {id(p) for group in optimizer.param_groups for p in group["params"]} == trained  # nothing stale
         return model, before, logits(model)
@@ -139,17 +139,17 @@ def test_merging_in_one_process_changes_nothing_and_finish_keeps_the_model():
 @pytest.mark.parametrize("kwargs, message", [
     ({"merge_every": 0}, "merge_every must be a whole number of steps >= 1"),
     ({"merge_every": 2, "reduction": "median"}, "reduction must be one of"),
-    ({"merge_every": 2, "recompute_every": 0}, "recompute_every must be a whole number of merges"),
+    ({"merge_every": 2, "recompute_every": 0}, "recompute_every must be a whole number of averaging rounds"),
     ({"merge_every": 2, "recompute_every": 3}, "recompute_every needs recompute_mask"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     model = worker_model(0)
     with pytest.raises(ValueError, match=message):
-        DiffMerger(model, optimizer_for(model), **kwargs)
+        DiffAverager(model, optimizer_for(model), **kwargs)
 
 
 @pytest.mark.parametrize("sharing", ["shared", "individual"])
-def test_fish_peft_train_merges_diffs_in_two_processes(tmp_path, sharing):
+def test_fish_peft_train_averages_diffs_in_two_processes(tmp_path, sharing):
     out, checkpoint = train_sst2_in_two_processes(
         tmp_path, "--lr", "1e-2", "--keep-ratio", "0.05",  # at 0.5 % the two halves' masks of this tiny model agree
         "--merge-every", "2", "--recompute-every", "1", "--mask-sharing", sharing,

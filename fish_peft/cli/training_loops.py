@@ -1,0 +1,101 @@
+"""How a run's adapter trains, chosen once per run (`training.training_loop`): Trainer's own loop; the same with an
+evolving mask's engine as a Trainer callback; or periodic diff averaging's loop, which uses the Trainer only for its
+dataloader, optimizer and schedule. Each resumes from its own kind of checkpoint and reports the same `Trained`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+from fish_peft.cli.averaged_training import averaged_mask, train_averaged
+from fish_peft.cli.recipe import Recipe
+from fish_peft.cli.resume import StepCheckpoints
+from fish_peft.dynamic import SparseTrainingCallback
+from fish_peft.masks.fish_mask import FishMask
+
+
+@dataclass
+class Trained:
+    """What a loop reports for results.json."""
+
+    train_seconds: float
+    mean_step_seconds: Optional[float]
+    steps: int
+    mask: Optional[FishMask]  # the support the adapter ends with
+    mask_facts: dict[str, Any] = field(default_factory=dict)  # added to results["mask"]
+    facts: dict[str, Any] = field(default_factory=dict)  # added to results
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimisation step."""
+
+    def __init__(self):
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._start)
+
+    def mean(self) -> Optional[float]:
+        return sum(self.durations) / len(self.durations) if self.durations else None
+
+
+class TrainerLoop:
+    """`Trainer.train`, timed, with a checkpoint every `save_steps` as well as every epoch; resumes from Trainer's
+    checkpoints."""
+
+    def __init__(self, recipe: Recipe, mask: Optional[FishMask], *extra_callbacks: TrainerCallback):
+        self.mask = mask
+        self.timer = StepTimer()
+        self.callbacks = [self.timer, *extra_callbacks] + ([StepCheckpoints(recipe.save_steps)] if recipe.save_steps else [])
+
+    def train(self, trainer: Trainer, checkpoint: Optional[Path]) -> Trained:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        mask = self.final_mask()
+        seconds = output.metrics["train_runtime"]
+        return Trained(seconds, self.timer.mean(), trainer.state.global_step, mask, self.mask_facts(mask))
+
+    def final_mask(self) -> Optional[FishMask]:
+        return self.mask
+
+    def mask_facts(self, mask: Optional[FishMask]) -> dict[str, Any]:
+        return {}
+
+
+class EvolvingDiffLoop(TrainerLoop):
+    """Trainer's loop with an evolving mask: its engine moves the entries from a callback (which also keeps its state
+    in Trainer's checkpoints); the run ends with the engine's mask."""
+
+    def __init__(self, recipe: Recipe, mask: FishMask, engine):
+        super().__init__(recipe, mask, SparseTrainingCallback(engine))
+        self.engine = engine
+
+    def final_mask(self) -> FishMask:
+        return self.engine.current_mask()
+
+    def mask_facts(self, mask: FishMask) -> dict[str, Any]:
+        return {"update_seconds": self.engine.update_seconds, "jaccard_with_initial": mask.jaccard(self.mask)}
+
+
+class AveragedDiffLoop:
+    """Periodic diff averaging (`merge_every`): every process trains apart and the diffs are averaged every N steps
+    (`averaged_training.train_averaged`), with checkpoints of its own in `checkpoints`."""
+
+    callbacks: list[TrainerCallback] = []  # its loop is not Trainer's, so Trainer's callbacks would never be called
+
+    def __init__(self, recipe: Recipe, mask: FishMask, fisher_data: Callable[[], DataLoader], checkpoints: Path):
+        self.recipe, self.mask, self.fisher_data, self.checkpoints = recipe, mask, fisher_data, checkpoints
+
+    def train(self, trainer: Trainer, checkpoint: Optional[Path]) -> Trained:
+        report = train_averaged(self.recipe, trainer.model, trainer, self.fisher_data, self.checkpoints, resume_from=checkpoint)
+        mask = averaged_mask(trainer.model, self.mask)
+        steps = report["merging"]["steps"]
+        return Trained(report["train_seconds"], report["mean_step_seconds"], steps, mask, facts={"merging": report["merging"]})
