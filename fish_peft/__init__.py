@@ -43,19 +43,27 @@ def _register() -> None:
 
 
 class _RegisterWhenPeftLoads(importlib.abc.MetaPathFinder):
-    """Registers FISH right after `import peft` finishes, in a process that imported fish_peft first."""
+    """Registers FISH right after `import peft` finishes, in a process that imported fish_peft first. It stays in
+    place until then: a mere lookup (`importlib.util.find_spec("peft")`, as transformers does) loads nothing."""
+
+    _looking = False
 
     def find_spec(self, name, path, target=None):
-        if name != "peft":
+        if name != "peft" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register()
 
         spec.loader.exec_module = exec_then_register

@@ -76,3 +76,16 @@ def test_old_module_paths_still_import_with_one_warning_each():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['fish_peft.config', 'fish_peft.sparse', 'fish_peft.sparse.topkast']"
+
+
+def test_fish_peft_imported_before_peft_registers_when_peft_loads_even_after_a_lookup():
+    code = (
+        "import importlib.util, sys, fish_peft\n"
+        "assert 'torch' not in sys.modules and 'peft' not in sys.modules\n"
+        "importlib.util.find_spec('peft')  # what transformers' is_peft_available does\n"
+        "from peft import PeftModel\n"
+        "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
+        "print('FISH' in PEFT_TYPE_TO_TUNER_MAPPING, getattr(PeftModel.push_to_hub, '_fish_peft', False))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]

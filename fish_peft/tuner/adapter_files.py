@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fish_peft.tuner.config import FishConfig
+from peft.config import PeftConfig
+
+from fish_peft.tuner.peft_type import FISH_PEFT_TYPE
 from fish_peft.tuner.layer import storage_key
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.tuner.packing import PACKED_KEYS, PackingError, unpack
@@ -39,7 +41,7 @@ def allow_nonfinite():
         _ALLOW_NONFINITE.reset(token)
 
 
-def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: FishConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: PeftConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """What a file must hold whatever model it meets: the packed diff decoding into exactly the counts of
     `adapter_config.json` (sorted, unique, in-range indices), float values, and float full tensors (the head), all
     finite unless `allow_nonfinite()`. Returns the decoded {parameter: (indices, values)}."""
@@ -65,7 +67,7 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], config: FishConfig) 
     return entries
 
 
-def check_adapter_file(path: str | os.PathLike, config: FishConfig) -> dict[str, tuple[int, ...]]:
+def check_adapter_file(path: str | os.PathLike, config: PeftConfig) -> dict[str, tuple[int, ...]]:
     """`check_adapter_tensors` on a safetensors file, any damage to the file itself reported as `AdapterFileError`;
     returns the shapes of its full tensors (the head), for `check_head_shapes`."""
     tensors = read_safetensors(path)
@@ -73,7 +75,7 @@ def check_adapter_file(path: str | os.PathLike, config: FishConfig) -> dict[str,
     return {key: tuple(t.shape) for key, t in tensors.items() if key not in PACKED_KEYS}
 
 
-def check_head_shapes(given: dict[str, tuple[int, ...]], model, config: FishConfig) -> None:
+def check_head_shapes(given: dict[str, tuple[int, ...]], model, config: PeftConfig) -> None:
     """The file's full tensors must be exactly the parameters of the model's `modules_to_save` (the head), with
     their shapes: PEFT itself fails with a bare KeyError on a missing one, after it has changed the model."""
     heads = tuple(config.modules_to_save or ())
@@ -107,7 +109,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def unpack_adapter_state_dict(
     state_dict: dict[str, torch.Tensor],
     model_shapes: dict[str, tuple[int, ...]],
-    config: FishConfig,
+    config: PeftConfig,
     adapter_name: str,
     owners: dict[str, tuple[str, str]],
 ) -> dict[str, torch.Tensor]:
@@ -157,7 +159,7 @@ def read_adapter_mask(folder: str | os.PathLike) -> FishMask:
     """The entries a saved FISH adapter changes, decoded (and checked) from its `adapter_model.safetensors`."""
     folder = Path(folder)
     config = read_adapter_config(folder)
-    if not isinstance(config, FishConfig):
+    if config.peft_type != FISH_PEFT_TYPE:
         raise AdapterFileError(f"{folder} holds a {config.peft_type} adapter, not a FISH sparse diff.")
     entries = check_adapter_tensors(read_safetensors(folder / ADAPTER_WEIGHTS), config)
     return FishMask(

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from peft.config import PeftConfig
 
-from fish_peft.tuner.registration import FISH_PEFT_TYPE
+from fish_peft.tuner.peft_type import FISH_PEFT_TYPE
 from fish_peft.masks.fish_mask import FishMask
 
 MASK_UPDATES = (None, "topkast", "sparse_momentum")
