@@ -9,6 +9,7 @@ whole, as it leaves decoupled weight decay.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Iterable, Union
 
 import torch
@@ -21,13 +22,13 @@ class ExplorationPenalty:
     (`penalty_terms`); `_before_optimizer_step` runs before every step of the engine's optimizer (step_hook.py)."""
 
     @property
+    @abstractmethod
     def penalty_strength(self) -> float:
         """λ."""
-        raise NotImplementedError
 
+    @abstractmethod
     def penalty_terms(self) -> Iterable[tuple[torch.Tensor, Scale]]:
         """(θ, scale) pairs, scale 1 on A, 1/D on B\\A and 0 elsewhere."""
-        raise NotImplementedError
 
     def _before_optimizer_step(self) -> None:
         """Add λ·scale·θ to each gradient (a tensor without one is left alone, as the optimizer leaves it)."""
