@@ -120,7 +120,8 @@ def mask_command(args, overrides) -> int:
     from fish_peft.utils.atomic_files import atomic_folder
     from fish_peft.hub.mask_plot import plot_mask
     from fish_peft.cli.output_folders import MASK, check_output_folder
-    from fish_peft.cli.training import build_mask_only, write_json
+    from fish_peft.cli.run_output import write_json
+    from fish_peft.cli.training import build_mask_only
 
     recipe = load_recipe(args.recipe, overrides)
     if "output_dir" not in overrides:

@@ -25,7 +25,7 @@ from fish_peft.cli.averaged_training import own_share
 from fish_peft.cli.output_folders import RUN, check_output_folder, remove_owned
 from fish_peft.cli.recipe import Recipe, load_recipe
 from fish_peft.cli.resume import CHECKPOINTS, interrupted, remember_mask, remember_recipe, resume_point, run_mask
-from fish_peft.cli.run_output import run_results, strip_prefix, write_json, write_run_folder
+from fish_peft.cli.run_output import run_results, strip_prefix, write_run_folder
 from fish_peft.cli.run_setup import Setup
 from fish_peft.cli.tasks import Task
 from fish_peft.cli.training_loops import AveragedDiffLoop, EvolvingDiffLoop, TrainerLoop
@@ -36,7 +36,6 @@ from fish_peft.masks.fish_mask import FishMask
 from fish_peft.masks.selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
 from fish_peft.tuner.config import FishConfig
 
-__all__ = ["build_mask_only", "check_output_dir", "evaluate_run", "run", "write_json"]  # write_json: `fish-peft mask`
 
 FINISHED_RUN = ("results.json", "adapter_config.json", "recipe.yaml")  # any of them: the folder holds a finished run
 
