@@ -26,7 +26,7 @@ from torch import nn
 from fish_peft.distributed.communication import Traffic, reduce_across_processes
 from fish_peft.tuner.config import FishConfig
 from fish_peft.distributed.processes import rank_and_world
-from fish_peft.tuner.layer import FishLayer, index_dtype, storage_key
+from fish_peft.tuner.layer import FishLayer, storage_key
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.dynamic.engine import MaskEngine
 from fish_peft.dynamic.sparse_momentum import cosine_prune_rate
@@ -50,15 +50,14 @@ class DiffEntry:
 
     @property
     def values(self) -> nn.Parameter:
-        return self.layer.fish_values[self.adapter][self.key]
+        return self.layer.values(self.adapter, self.attr)
 
     @property
     def indices(self) -> torch.Tensor:
-        return self.layer.fish_indices[self.adapter][self.key]
+        return self.layer.indices(self.adapter, self.attr)
 
     def set_entries(self, indices: torch.Tensor, values: nn.Parameter) -> None:
-        self.layer.fish_indices[self.adapter][self.key] = indices.to(self.indices.device, index_dtype(self.numel))
-        self.layer.fish_values[self.adapter][self.key] = values
+        self.layer.set_entries(self.adapter, self.attr, indices, values)
 
     def dense_gradient(self) -> Optional[torch.Tensor]:
         """The flat gradient of the loss in W + Δ captured since the last update, if the parameter was used."""

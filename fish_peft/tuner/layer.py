@@ -210,9 +210,10 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
     def effective_parameters(self) -> dict[str, torch.Tensor]:
         """W + Σ Δ over the active adapters, for every parameter an active adapter touches."""
         effective: dict[str, torch.Tensor] = {}
+        weights: dict[str, torch.Tensor] = {}
         for adapter_name in self.active_adapters:
             for param_name in self.adapted_parameters(adapter_name):
-                weight = self.base_parameter(param_name)
+                weight = weights.setdefault(param_name, self.base_parameter(param_name))
                 flat = effective.get(param_name, weight.reshape(-1))
                 values = self._trained(self.values(adapter_name, param_name)).to(weight.dtype)
                 effective[param_name] = flat.index_add(0, self.indices(adapter_name, param_name), values)
@@ -227,7 +228,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
             for name, flat in effective.items():
                 if flat.requires_grad:
                     flat.register_hook(self._gradient_collector(name))
-        return {name: flat.view_as(self.base_parameter(name)) for name, flat in effective.items()}
+        return {name: flat.view_as(weights[name]) for name, flat in effective.items()}
 
     def _trained(self, values: nn.Parameter) -> torch.Tensor:
         return values if self.gradient_traffic is None else with_averaged_gradient(values, self.gradient_traffic)
