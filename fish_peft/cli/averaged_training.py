@@ -32,7 +32,7 @@ def train_averaged(
     `dynamic/averaging_checkpoints.py`), or continuing from the checkpoint `resume_from`; returns what results.json
     reports (under its earlier key "merging")."""
     loader = trainer.get_train_dataloader()  # prepared by Accelerate: each process gets its own batches
-    steps = max(1, math.ceil(len(loader) * recipe.epochs))
+    steps = max(1, math.ceil(len(loader) * trainer.args.num_train_epochs))
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
     averager = DiffAverager(

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from fish_peft.cli.recipe import METHODS, Recipe, SparseRecipe, describe_keys, load_recipe, parse_overrides
+from fish_peft.cli.recipe import METHODS, Recipe, SparseRecipe, load_recipe, parse_overrides
+from fish_peft.cli.recipe_keys import describe_keys
 
 # Only the standard library and fish_peft.cli.recipe load before the arguments are parsed: `--help` needs no torch.
 
@@ -40,7 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def keys_help(recipe_cls: type = Recipe) -> str:
     """The epilog of a command that reads a recipe: how to override a key, then every key with its default."""
-    example = "--lr 1e-3 --method lora --text-columns sentence1,sentence2 --lr-by-method fish=2e-3,full=5e-5"
+    example = "--learning-rate 1e-3 --method lora --text-columns sentence1,sentence2 --lr-by-method fish=2e-3,full=5e-5"
     if recipe_cls is SparseRecipe:
         example = "--density 0.1 --method topkast"
     how = f"Any recipe key can be overridden as --key value (dashes or underscores; none empties an optional key), e.g. {example}."

@@ -49,8 +49,8 @@ def summary_row(results: dict) -> dict:
     first_split = next(iter(results["metrics"]))
     return {
         "method": results["method"],
-        "lr": results["recipe"]["lr"],
-        "batch_size": results["recipe"]["batch_size"],
+        "lr": results["recipe"]["learning_rate"],
+        "batch_size": results["recipe"]["per_device_train_batch_size"],
         "metrics": {k: v for k, v in results["metrics"][first_split].items() if k not in ("loss", "epoch")},
         "trainable_parameters": results["trainable_parameters"],
         "trainable_percent": 100 * results["trainable_parameters"] / results["total_parameters"],

@@ -1,17 +1,17 @@
-"""Training recipes, read the way TRL and the alignment handbook read theirs: a dataclass of known keys (each with its
-meaning, default and allowed values in the field's metadata), a YAML file, and `--key value` overrides on top, turned
-into the dataclass by `transformers.HfArgumentParser`. Importing this module loads neither torch nor transformers, so
-`fish-peft --help` can describe every key quickly."""
+"""Training recipes, read the way TRL and the alignment handbook read theirs: a YAML file and `--key value` overrides
+on top, turned by `transformers.HfArgumentParser` into the dataclass of fish-peft's own keys (`Recipe`) and the fields
+of transformers' `TrainingArguments` (kept in `Recipe.training`, written at the top level of the file). Importing this
+module loads neither torch nor transformers, so `fish-peft --help` can describe every key quickly."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from fish_peft.cli.recipe_keys import check_at_least, check_choices, convert_value, key, show
 
 METHODS = ("fish", "random", "full", "lora", "bitfit")
 SPARSE_TRAINING_METHODS = ("dense", "static", "sparse_momentum", "topkast")
@@ -21,32 +21,16 @@ FISHER_TYPES = ("empirical", "expected")  # fish_peft.masks.fisher.FISHER_TYPES
 SELECTIONS = ("global", "per_module")  # fish_peft.masks.selection.SELECTIONS
 SAVE_DTYPES = (None, "float32", "float16", "bfloat16")  # fish_peft.tuner.config.SAVE_DTYPES, or None
 DISTRIBUTIONS = ("uniform", "erk")  # fish_peft.dynamic.densities.DISTRIBUTIONS
-
-
-def key(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
-    """A recipe key: its default, what it means and, when limited, its allowed values (items or keys for a list or
-    a dict). `--help` and `check_choices` read them from the field's metadata."""
-    metadata = {"help": help, **({"choices": choices} if choices else {})}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def check_choices(recipe: Any, error: type[Exception] = ValueError) -> None:
-    """Refuse a value outside its key's allowed values (each item of a list key, each key of a dict key)."""
-    for f in dataclasses.fields(recipe):
-        value, choices = getattr(recipe, f.name), f.metadata.get("choices")
-        if choices and any(v not in choices for v in (value if isinstance(value, (list, dict)) else [value])):
-            allowed = ", ".join(_show(c) for c in choices)
-            raise error(f"{type(recipe).__name__}: {f.name} must be one of {allowed}, got {value!r}.")
-
-
-def check_at_least(recipe: Any, minimum: float, *names: str, error: type[Exception] = ValueError) -> None:
-    """Refuse a key below `minimum` (keys left at None are fine)."""
-    for name in names:
-        value = getattr(recipe, name)
-        if value is not None and value < minimum:
-            raise error(f"{type(recipe).__name__}: {name} must be at least {minimum}, got {value}.")
+# fish-peft's own defaults for TrainingArguments fields (the FISH paper's GLUE setup); every other field keeps
+# transformers' default
+TRAINING_DEFAULTS = {"learning_rate": 5e-5, "num_train_epochs": 7, "per_device_train_batch_size": 16,
+                     "per_device_eval_batch_size": 64}
+# short names recipes have used, for the TrainingArguments fields they stand for
+TRAINING_ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+                    "eval_batch_size": "per_device_eval_batch_size", "warmup_ratio": "warmup_steps"}
+# TrainingArguments fields a run sets itself: its checkpoints serve --resume and the choice of the best model
+SET_BY_RUN = ("output_dir", "save_only_model", "save_total_limit", "load_best_model_at_end", "metric_for_best_model",
+              "greater_is_better")
 
 
 @dataclass
@@ -87,13 +71,7 @@ class Recipe(Seeded):
     lora_r: int = key(8, "LoRA rank")
     lora_alpha: int = key(16, "LoRA scaling alpha")
     lora_targets: list[str] = key(["query", "value"], "module names LoRA adapts")
-    lr: float = key(5e-5, "learning rate")
-    epochs: float = key(7, "training epochs (fractions allowed)")
-    batch_size: int = key(16, "training batch size per process")
-    eval_batch_size: int = key(64, "evaluation batch size")
     max_length: int = key(128, "tokens per example, longer ones truncated")
-    weight_decay: float = key(0.0, "AdamW weight decay (entries outside the mask never move)")
-    warmup_ratio: float = key(0.0, "share of the steps with a linearly rising learning rate")
     output_dir: str = key("outputs/run", "folder of the run: adapter, results.json, mask plot, model card")
     train_file: Optional[str] = key(None, "CSV or JSON lines training data instead of the Hub's")
     validation_file: Optional[str] = key(None, "CSV or JSON lines validation data instead of the Hub's")
@@ -103,22 +81,35 @@ class Recipe(Seeded):
     max_train_samples: Optional[int] = key(None, "use only the first N training examples")
     max_eval_samples: Optional[int] = key(None, "use only the first N validation examples")
     save_dtype: Optional[str] = key(None, "dtype of the saved FISH diff values (none: the model's)", SAVE_DTYPES)
-    save_steps: Optional[int] = key(None, "also checkpoint every N optimizer steps, for --resume (epoch ends "
-                                    "always are)")
     methods: list[str] = key(list(METHODS), "the methods `fish-peft compare` runs", METHODS)
-    lr_by_method: dict[str, float] = key({}, "each method's own learning rate (beats lr unless --lr is given)", METHODS)
-    batch_size_by_method: dict[str, int] = key({}, "each method's own batch size (beats batch_size unless "
-                                               "--batch-size is given)", METHODS)
+    lr_by_method: dict[str, float] = key({}, "each method's own learning rate (beats learning_rate unless "
+                                         "--learning-rate or --lr is given)", METHODS)
+    batch_size_by_method: dict[str, int] = key({}, "each method's own batch size (beats "
+                                               "per_device_train_batch_size unless --batch-size or "
+                                               "--per-device-train-batch-size is given)", METHODS)
+    training: dict[str, Any] = key(
+        TRAINING_DEFAULTS, "any field of transformers' TrainingArguments, written at the top level of the recipe "
+        "(learning_rate: 2.0e-3, lr_scheduler_type: cosine, bf16: true, ...) or as --learning-rate 2e-3; "
+        f"{', '.join(f'{a} = {f}' for a, f in TRAINING_ALIASES.items())}; save_steps adds checkpoints every N steps "
+        f"to those at each epoch's end; the run sets {', '.join(SET_BY_RUN)} itself (its checkpoints go to a folder "
+        "in the recipe's output_dir), seed from the recipe's seed, and data_seed too unless given", shown_type="TrainingArguments fields",
+    )
 
     def __post_init__(self):
         check_choices(self)
         if self.mask_update is not None and self.method in ("full", "lora"):
             raise ValueError(f"Recipe: mask_update moves a sparse mask; method {self.method!r} has none (use fish or random).")
-        check_at_least(self, 1, "num_samples", "batch_size", "eval_batch_size", "max_length", "lora_r", "update_every",
-                       "merge_every", "recompute_every", "save_steps")
+        check_at_least(self, 1, "num_samples", "max_length", "lora_r", "update_every", "merge_every", "recompute_every")
         self._check_merging()
-        if self.lr <= 0 or self.epochs <= 0:
-            raise ValueError(f"Recipe: lr and epochs must be positive, got lr={self.lr}, epochs={self.epochs}.")
+        self.training = {**TRAINING_DEFAULTS, **self.training}
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "save_steps"):
+            if self.training.get(name) is not None and self.training[name] < 1:
+                raise ValueError(f"Recipe: {name} must be at least 1, got {self.training[name]}.")
+        if self.learning_rate <= 0 or self.training["num_train_epochs"] <= 0:
+            raise ValueError(
+                f"Recipe: learning_rate and num_train_epochs must be positive, got {self.learning_rate} and "
+                f"{self.training['num_train_epochs']}."
+            )
         if any(v <= 0 for v in self.lr_by_method.values()) or any(v < 1 for v in self.batch_size_by_method.values()):
             raise ValueError(
                 f"Recipe: lr_by_method values must be positive and batch_size_by_method values at least 1, got "
@@ -132,22 +123,39 @@ class Recipe(Seeded):
         elif self.method != "fish" or self.mask_update is not None:
             raise ValueError("Recipe: merged training (merge_every) trains a fixed FISH mask: method fish, no mask_update.")
 
+    @property
+    def learning_rate(self) -> float:
+        return self.training["learning_rate"]
+
+    @property
+    def batch_size(self) -> int:
+        """Training batch size per process."""
+        return self.training["per_device_train_batch_size"]
+
+    @property
+    def save_steps(self) -> Optional[int]:
+        """Optimizer steps between extra checkpoints (None: only at each epoch's end)."""
+        return self.training.get("save_steps")
+
     def with_method_settings(self) -> "Recipe":
         """This recipe with `method`'s own learning rate and batch size (from the *_by_method tables) in effect."""
-        return dataclasses.replace(
-            self,
-            lr=self.lr_by_method.get(self.method, self.lr),
-            batch_size=self.batch_size_by_method.get(self.method, self.batch_size),
-        )
+        own = {"learning_rate": self.lr_by_method.get(self.method), "per_device_train_batch_size": self.batch_size_by_method.get(self.method)}
+        return dataclasses.replace(self, training={**self.training, **{k: v for k, v in own.items() if v is not None}})
 
     def for_method(self, method: str) -> "Recipe":
         """This recipe for one method of a comparison, in its own sub-folder, with that method's own settings."""
         return dataclasses.replace(self, method=method, output_dir=str(Path(self.output_dir) / method)).with_method_settings()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as its file writes it: fish-peft's keys, then the TrainingArguments fields at the top level."""
+        keys = dataclasses.asdict(self)
+        training = keys.pop("training")
+        return {**keys, **training}
+
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 @dataclass
@@ -182,7 +190,8 @@ class SparseRecipe(Seeded):
 
 def load_recipe(path: str, overrides: Optional[dict[str, str]] = None, recipe_cls: type = Recipe):
     """Read a recipe file, apply `--key value` overrides (strings, converted to each key's type) and build
-    `recipe_cls` (fine-tuning `Recipe` by default) through `HfArgumentParser`, as the alignment handbook does."""
+    `recipe_cls` (fine-tuning `Recipe` by default) through `HfArgumentParser`, as the alignment handbook does. A
+    `Recipe` file's TrainingArguments fields go to `Recipe.training`, checked by building TrainingArguments."""
     import yaml
     from transformers import HfArgumentParser
 
@@ -193,86 +202,83 @@ def load_recipe(path: str, overrides: Optional[dict[str, str]] = None, recipe_cl
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of keys to values.")
     overrides = overrides or {}
+    given = {**data, **overrides}
+    if recipe_cls is Recipe:
+        data, overrides = _canonical(data, path), _canonical(overrides, f"{path} with its overrides")
+        for short, name in (("lr", "learning_rate"), ("batch_size", "per_device_train_batch_size")):
+            if name in overrides:  # an explicit --lr / --batch-size applies to every method
+                overrides.setdefault(f"{short}_by_method", "")
     types_ = typing.get_type_hints(recipe_cls)
-    unknown = sorted(set(data) - set(types_)) or sorted(set(overrides) - set(types_))
+    own = set(recipe_keys(recipe_cls))
+    training_fields = _training_fields() if recipe_cls is Recipe else {}
+    unknown = sorted(name for name in {**data, **overrides} if name not in own and name not in training_fields)
     if unknown:
-        raise ValueError(f"{path}: unknown recipe key(s) {unknown}. Known keys: {', '.join(recipe_keys(recipe_cls))}.")
-    data.update({name: _convert(name, raw, types_[name]) for name, raw in overrides.items()})
-    for name in ("lr", "batch_size"):  # an explicit --lr / --batch-size applies to every method
-        if name in overrides and f"{name}_by_method" in types_ and f"{name}_by_method" not in overrides:
-            data[f"{name}_by_method"] = {}
-    (recipe,) = HfArgumentParser(recipe_cls).parse_dict(data)
+        also = " and any TrainingArguments field" if training_fields else ""
+        raise ValueError(f"{path}: unknown recipe key(s) {unknown}. Known keys: {', '.join(recipe_keys(recipe_cls))}{also}.")
+    keys = {name: value for name, value in data.items() if name in own}
+    keys.update({name: convert_value(name, raw, types_[name]) for name, raw in overrides.items() if name in own})
+    training = {**{n: v for n, v in data.items() if n not in own}, **{n: v for n, v in overrides.items() if n not in own}}
+    if training_fields:
+        keys["training"] = _training_values(training, path, given)
+    (recipe,) = HfArgumentParser(recipe_cls).parse_dict(keys)
     return recipe
 
 
 def recipe_keys(recipe_cls: type = Recipe) -> list[str]:
-    return [f.name for f in dataclasses.fields(recipe_cls)]
+    """The keys a recipe file of `recipe_cls` names (a `Recipe`'s TrainingArguments fields aside)."""
+    return [f.name for f in dataclasses.fields(recipe_cls) if f.name != "training"]
 
 
-def _convert(name: str, raw: str, annotation: Any) -> Any:
-    """'1e-3' -> 1e-3 for a float key, 'a,b' -> ['a', 'b'] for a list key, 'none' -> None for an optional one."""
-    optional, target = _unwrap(annotation)
-    if optional and raw.lower() in ("none", "null"):
-        return None
-    origin = typing.get_origin(target)
-    try:
-        if origin is list:
-            return [item.strip() for item in raw.split(",") if item.strip()]
-        if origin is dict:
-            value_type = typing.get_args(target)[1]
-            return {k.strip(): value_type(v) for k, v in (pair.split("=") for pair in raw.split(",") if pair)}
-        if target is bool:
-            return raw.lower() in ("1", "true", "yes")
-        if target in (int, float):
-            return target(raw)
-    except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')}: cannot read {raw!r} as {_type_name(target)}.") from None
-    return raw
+def _canonical(keys: dict[str, Any], where: str) -> dict[str, Any]:
+    """`keys` with short names (lr, epochs, ...) replaced by the TrainingArguments fields they stand for."""
+    if "training" in keys:
+        raise ValueError(f"{where}: write TrainingArguments fields at the top level of the recipe, not under training.")
+    for name in SET_BY_RUN:
+        if name in keys and name != "output_dir":
+            raise ValueError(f"{where}: {name} is set by the run itself (its checkpoints serve --resume and the choice "
+                             "of the best model); leave it out.")
+    canonical, spelled = {}, {}
+    for name, value in keys.items():
+        field = TRAINING_ALIASES.get(name, name)
+        if field in canonical:
+            raise ValueError(f"{where}: {spelled[field]} and {name} name the same TrainingArguments field; keep one.")
+        canonical[field], spelled[field] = value, name
+    return canonical
 
 
-def _unwrap(annotation: Any) -> tuple[bool, Any]:
-    """(whether None is allowed, the type without None) of a key's annotation."""
-    args = typing.get_args(annotation)
-    if type(None) in args:
-        return True, next(a for a in args if a is not type(None))
-    return False, annotation
+def _training_fields() -> dict[str, Any]:
+    """TrainingArguments' fields a recipe may set, each with the argparse action that reads it from a string."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    actions = {action.dest: action for action in HfArgumentParser(TrainingArguments)._actions}
+    return {f.name: actions[f.name] for f in dataclasses.fields(TrainingArguments)
+            if f.init and f.name in actions and f.name not in SET_BY_RUN}
 
 
-def _type_name(annotation: Any) -> str:
-    optional, target = _unwrap(annotation)
-    origin, args = typing.get_origin(target), typing.get_args(target)
-    if origin is list:
-        name = f"comma-separated {args[0].__name__}s"
-    elif origin is dict:
-        name = f"method={args[1].__name__},..."
-    else:
-        name = getattr(target, "__name__", str(target))
-    return f"{name} or none" if optional else name
+def _training_values(values: dict[str, Any], path: str, given: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments fields from the file and the overrides, strings read as TrainingArguments' own parser reads
+    them from a command line; refused, naming the key, when TrainingArguments refuses them."""
+    import tempfile
 
+    from transformers import TrainingArguments
 
-def _show(value: Any) -> str:
-    """A value as one types it on the command line: none, a,b or fish=2e-3."""
-    if value is None:
-        return "none"
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items()) or "(empty)"
-    if isinstance(value, (list, tuple)):
-        return ",".join(_show(v) for v in value)
-    return str(value)
-
-
-def describe_keys(recipe_cls: type = Recipe, width: int = 100) -> str:
-    """--help's list of `recipe_cls`'s keys: for each, its type, what it means, its default and its allowed values."""
-    hints = typing.get_type_hints(recipe_cls)
-    lines = []
-    for f in dataclasses.fields(recipe_cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        text = f"({_type_name(hints[f.name])}) {f.metadata['help']}. Default: {_show(default)}."
-        if f.metadata.get("choices"):
-            text += f" Allowed: {' | '.join(_show(c) for c in f.metadata['choices'])}."
-        lines.append(textwrap.fill(
-            text, width, initial_indent=f"  {f.name:<21} ", subsequent_indent=" " * 24, break_on_hyphens=False))
-    return "\n".join(lines)
+    fields = _training_fields()
+    read = {}
+    for name, value in values.items():
+        action = fields[name]
+        if isinstance(value, str) and action.type not in (None, str):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                shown = next((g for g, f in TRAINING_ALIASES.items() if f == name and g in given), name)
+                raise ValueError(f"--{shown.replace('_', '-')}: cannot read {value!r} as {getattr(action.type, '__name__', 'its type')}.") from None
+        read[name] = value
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            TrainingArguments(output_dir=scratch, **read)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: TrainingArguments refuses the recipe's training keys: {err}") from None
+    return read
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

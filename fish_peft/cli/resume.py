@@ -14,7 +14,6 @@ its own loop, which keeps checkpoints of its own there (`dynamic/averaging_check
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +24,7 @@ from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.tuner.config import FishConfig
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.dynamic.averaging_checkpoints import last_averaging_checkpoint, numbered_folders
-from fish_peft.cli.recipe import Recipe
+from fish_peft.cli.recipe import TRAINING_ALIASES, Recipe
 from fish_peft.dynamic.callback import ENGINE_STATE
 from fish_peft.tuner.adapter_files import AdapterFileError, read_adapter_config, read_adapter_mask
 
@@ -83,7 +82,8 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
     saved_path = out / CHECKPOINTS / RUN_RECIPE
     if not saved_path.is_file():
         raise FileNotFoundError(f"Nothing to resume in {out}: no interrupted run of `fish-peft train` is there.")
-    check_same_recipe(yaml.safe_load(saved_path.read_text()), dataclasses.asdict(recipe), FREE_KEYS)
+    saved = {TRAINING_ALIASES.get(k, k): v for k, v in yaml.safe_load(saved_path.read_text()).items()}  # older runs' short names
+    check_same_recipe(saved, recipe.to_dict(), FREE_KEYS)
     if recipe.merge_every is not None:
         checkpoint = last_averaging_checkpoint(out / CHECKPOINTS)
     else:
@@ -98,9 +98,9 @@ def resume_point(recipe: Recipe, out: Path) -> Path:
 
 def check_same_recipe(saved: dict, given: dict, free_keys: tuple[str, ...]) -> None:
     """Refuse to resume a run with a recipe other than the one it started with (but for `free_keys`)."""
-    changed = sorted(k for k in given if k not in free_keys and given[k] != saved.get(k))
+    changed = sorted(k for k in {**saved, **given} if k not in free_keys and given.get(k) != saved.get(k))
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {given[k]!r}" for k in changed)
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {given.get(k)!r}" for k in changed)
         raise ValueError(
             f"--resume needs the recipe the run started with; these keys differ ({details}). Resume with the same "
             "recipe and overrides, or start again with --overwrite."

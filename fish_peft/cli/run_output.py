@@ -3,7 +3,6 @@ process: the adapter (the whole model for `full`), results.json, recipe.yaml, th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
@@ -46,7 +45,7 @@ def run_results(recipe: Recipe, setup: Setup, model, trainer: Trainer, trained: 
         "steps": trained.steps,
         "peak_memory_bytes": peak_memory_bytes(),
         "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info, **trained.mask_facts},
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": recipe.to_dict(),
         "label_names": label_names(setup.model.config, setup.task),
         "dataset": dataset_name(recipe.task, recipe.train_file),
         "train_examples": len(setup.tokenized["train"]),

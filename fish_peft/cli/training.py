@@ -161,18 +161,23 @@ def start_checkpoints(recipe: Recipe, mask: Optional[FishMask], out: Path) -> No
 
 def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArguments:
     first_split = task.validation_splits[0]
-    return TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
-        learning_rate=recipe.lr,
-        num_train_epochs=recipe.epochs,
-        per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=recipe.eval_batch_size,
-        weight_decay=recipe.weight_decay,
-        warmup_steps=recipe.warmup_ratio,  # a float below 1 is a share of all steps
-        seed=recipe.seed,
+    """The recipe's TrainingArguments fields over fish-peft's defaults, and the fields the run sets itself."""
+    defaults = dict(
         data_seed=recipe.seed,
         eval_strategy="epoch",
         save_strategy="epoch",
+        logging_strategy="epoch",
+        # a classifier's loss is already a mean over its batch; left on, Trainer multiplies it by the number of
+        # processes (meant for token-summed LM losses), so DDP's gradients would be that many times too large
+        average_tokens_across_devices=False,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    return TrainingArguments(
+        **{**defaults, **recipe.training},
+        output_dir=str(out / CHECKPOINTS),
+        seed=recipe.seed,
         # the best checkpoint is kept too; an evolving diff's newest checkpoint is whole only once the engine state
         # follows the Trainer's files (rotation comes between them), so the one before stays until then
         save_total_limit=2 if recipe.mask_update else 1,
@@ -181,13 +186,6 @@ def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArgumen
         load_best_model_at_end=recipe.mask_update is None,
         metric_for_best_model=f"{first_split}_{task.metrics[0]}",
         greater_is_better=True,
-        logging_strategy="epoch",
-        # a classifier's loss is already a mean over its batch; left on, Trainer multiplies it by the number of
-        # processes (meant for token-summed LM losses), so DDP's gradients would be that many times too large
-        average_tokens_across_devices=False,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
     )
 
 
@@ -214,7 +212,7 @@ def evaluate_run(run_dir: Path, overrides: dict[str, str]) -> dict[str, dict[str
         model = AutoModelForSequenceClassification.from_pretrained(run_dir)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
-            output_dir=scratch, per_device_eval_batch_size=recipe.eval_batch_size, report_to=[],
+            output_dir=scratch, per_device_eval_batch_size=recipe.training["per_device_eval_batch_size"], report_to=[],
             use_cpu=not torch.cuda.is_available(),
         )
         trainer = Trainer(model=model, args=args, data_collator=setup.collator, compute_metrics=setup.metric_fn())

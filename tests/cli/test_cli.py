@@ -86,11 +86,13 @@ def test_compare_runs_every_method_on_the_same_data(checkpoint, tmp_path):
 
 def test_each_method_trains_at_its_own_settings_unless_the_command_line_says_otherwise():
     demo = load_recipe(RECIPES / "demo.yaml", parse_overrides(["--method", "full"]))
-    assert demo.with_method_settings().lr == demo.lr_by_method["full"]
+    assert demo.with_method_settings().learning_rate == demo.lr_by_method["full"]
     explicit = load_recipe(RECIPES / "demo.yaml", parse_overrides(["--method", "fish", "--lr", "3e-4", "--batch-size", "7"]))
-    assert (explicit.with_method_settings().lr, explicit.with_method_settings().batch_size) == (3e-4, 7)
+    assert (explicit.with_method_settings().learning_rate, explicit.with_method_settings().batch_size) == (3e-4, 7)
     table = load_recipe(RECIPES / "demo.yaml", parse_overrides(["--batch-size-by-method", "fish=12"]))
     assert table.for_method("fish").batch_size == 12 and isinstance(table.for_method("fish").batch_size, int)
+    canonical = load_recipe(RECIPES / "demo.yaml", parse_overrides(["--learning-rate", "3e-4"]))
+    assert canonical.lr_by_method == {} and canonical.for_method("fish").learning_rate == 3e-4
     with pytest.raises(ValueError, match="batch_size_by_method"):
         load_recipe(RECIPES / "demo.yaml", parse_overrides(["--batch-size-by-method", "fish=0"]))
 
@@ -120,12 +122,12 @@ def bad_input_cases(tmp_path):
     train, validation = write_glue_files("sst2", tmp_path)
     data = ["--train-file", train, "--validation-file", validation]
     unknown_key = tmp_path / "unknown.yaml"
-    unknown_key.write_text((RECIPES / "glue" / "sst2.yaml").read_text() + "learning_rate: 0.1\n")
+    unknown_key.write_text((RECIPES / "glue" / "sst2.yaml").read_text() + "learnig_rate: 0.1\n")
     unseen = tmp_path / "unseen.csv"
     unseen.write_text(validation.read_text().replace(",1,", ",7,"))
     return {
         "unknown recipe key": ([unknown_key, *data], "unknown recipe key"),
-        "unknown override": ([RECIPES / "glue" / "sst2.yaml", "--learning-rate", "0.1", *data], "unknown recipe key"),
+        "unknown override": ([RECIPES / "glue" / "sst2.yaml", "--learnig-rate", "0.1", *data], "unknown recipe key"),
         "missing recipe": ([tmp_path / "nope.yaml"], "not found"),
         "missing data file": ([RECIPES / "glue" / "sst2.yaml", "--train-file", tmp_path / "missing.csv", "--validation-file", validation], "missing.csv"),
         "label out of range": ([RECIPES / "glue" / "sst2.yaml", "--train-file", train, "--validation-file", unseen], "label"),

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fish_peft.cli.recipe import Recipe, SparseRecipe, _show, load_recipe, parse_overrides
+from fish_peft.cli.recipe import Recipe, SparseRecipe, load_recipe, parse_overrides
+from fish_peft.cli.recipe_keys import show
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 HELP_RUNNER = (
@@ -39,9 +40,9 @@ def test_help_lists_every_recipe_key_with_its_meaning_default_and_allowed_values
     for f in dataclasses.fields(recipe_cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         entry = entries.split(f" {f.name} (", 1)[1].split(") ", 1)[1]
-        assert entry.startswith(f"{f.metadata['help']}. Default: {_show(default)}."), f.name
+        assert entry.startswith(f"{f.metadata['help']}. Default: {show(default)}."), f.name
         if "choices" in f.metadata:
-            assert f"Allowed: {' | '.join(_show(c) for c in f.metadata['choices'])}." in entry, f.name
+            assert f"Allowed: {' | '.join(show(c) for c in f.metadata['choices'])}." in entry, f.name
 
 
 def test_every_shipped_recipe_loads():
@@ -64,8 +65,15 @@ def test_overrides_are_converted_to_each_keys_type():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"learning_rate": "0.1"}, "unknown recipe key(s) ['learning_rate']. Known keys: seed, task, model,"),
+    ({"learnig_rate": "0.1"}, "unknown recipe key(s) ['learnig_rate']. Known keys: seed, task, model,"),
+    ({"learnig_rate": "0.1"}, "batch_size_by_method and any TrainingArguments field."),
     ({"lr": "fast"}, "--lr: cannot read 'fast' as float"),
+    ({"learning_rate": "fast"}, "--learning-rate: cannot read 'fast' as float"),
+    ({"lr": "1e-3", "learning_rate": "1e-3"}, "lr and learning_rate name the same TrainingArguments field; keep one"),
+    ({"save_total_limit": "3"}, "save_total_limit is set by the run itself"),
+    ({"training": "x"}, "write TrainingArguments fields at the top level of the recipe"),
+    ({"eval_strategy": "sometimes"}, "TrainingArguments refuses the recipe's training keys: sometimes is not a valid"),
+    ({"learning_rate": "0"}, "learning_rate and num_train_epochs must be positive"),
     ({"method": "adapter"}, "method must be one of fish, random, full, lora, bitfit, got 'adapter'"),
     ({"mask_update": "rigl"}, "mask_update must be one of none, topkast, sparse_momentum"),
     ({"methods": "fish,prompt"}, "methods must be one of"),
@@ -97,3 +105,22 @@ def test_allowed_values_written_out_for_help_agree_with_the_library():
     assert recipe.MASK_UPDATES == MASK_UPDATES and recipe.FISHER_TYPES == FISHER_TYPES
     assert recipe.SELECTIONS == SELECTIONS and recipe.DISTRIBUTIONS == DISTRIBUTIONS
     assert set(recipe.SAVE_DTYPES) == {None, *SAVE_DTYPES}
+
+
+def test_training_arguments_fields_are_recipe_keys_passed_to_the_trainer(tmp_path):
+    from fish_peft.cli.tasks import get_task
+    from fish_peft.cli.training import training_arguments
+
+    file = tmp_path / "recipe.yaml"
+    file.write_text("task: sst2\nlr: 1.0e-3\nlr_scheduler_type: cosine\ngradient_accumulation_steps: '2'\n")
+    recipe = load_recipe(file, parse_overrides(["--weight-decay", "0.1", "--epochs", "2", "--bf16", "false"]))
+    assert recipe.training == {"learning_rate": 1e-3, "num_train_epochs": 2.0, "per_device_train_batch_size": 16,
+                               "per_device_eval_batch_size": 64, "lr_scheduler_type": "cosine",
+                               "gradient_accumulation_steps": 2, "weight_decay": 0.1, "bf16": False}
+    args = training_arguments(recipe, tmp_path / "run", get_task("sst2"))
+    assert (args.learning_rate, args.num_train_epochs, args.weight_decay, args.gradient_accumulation_steps) == (1e-3, 2, 0.1, 2)
+    assert args.lr_scheduler_type == "cosine" and args.per_device_train_batch_size == 16 and args.seed == 0
+    assert args.output_dir == str(tmp_path / "run" / "checkpoints") and args.eval_strategy == "epoch"
+    again = tmp_path / "again.yaml"
+    again.write_text(recipe.to_yaml())
+    assert load_recipe(again) == recipe  # a run's recipe.yaml reads back as the same recipe

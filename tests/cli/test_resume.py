@@ -154,7 +154,7 @@ def test_resume_refuses_another_recipe_and_a_folder_with_nothing_to_resume(data,
 
     remember_recipe(load_recipe(str(RECIPE), parse_overrides([str(a) for a in data] + ["--output-dir", str(out)])), out)
     assert run_cli(*train_args(data, out, "--resume", "--lr", "5e-4")) == 2
-    assert "lr: 0.001 -> 0.0005" in capsys.readouterr().err
+    assert "learning_rate: 0.001 -> 0.0005" in capsys.readouterr().err
     assert run_cli(*train_args(data, out, "--resume")) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     assert run_cli(*train_args(data, out, "--resume", "--overwrite")) == 2

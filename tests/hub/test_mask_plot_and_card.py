@@ -238,7 +238,7 @@ def test_the_card_shows_the_recipe_keys_that_apply_to_the_method():
     lora_keys, comparison = {"lora_r", "lora_alpha", "lora_targets"}, {"methods", "lr_by_method", "output_dir"}
     fish = shown_recipe(method="fish", lr_by_method={"fish": 1e-3})
     assert mask_keys <= set(fish) and not (evolving | merging | lora_keys | comparison) & set(fish)
-    assert {"task", "model", "lr", "epochs", "seed"} <= set(fish) and "train_file" not in fish  # unset keys left out
+    assert {"task", "model", "learning_rate", "num_train_epochs", "seed"} <= set(fish) and "train_file" not in fish  # unset keys left out
     assert evolving <= set(shown_recipe(method="fish", mask_update="topkast"))
     assert {"update_every", "prune_rate"} == set(shown_recipe(method="random", mask_update="sparse_momentum")) & evolving
     assert merging | {"merge_every"} <= set(shown_recipe(method="fish", merge_every=5))
