@@ -43,7 +43,7 @@ def main():
         split = next(iter(runs[0]["metrics"]))
         mask = [r["mask"] for r in runs]
         summary[rule] = {
-            "lr": runs[0]["recipe"]["lr"],
+            "lr": runs[0]["recipe"]["learning_rate"],
             "update_every": runs[0]["recipe"]["update_every"] if RULES[rule] else None,
             "selected": mask[0]["selected"],
             "metrics": {name: mean_std([r["metrics"][split][name] for r in runs]) for name in runs[0]["metrics"][split]},
