@@ -3,20 +3,21 @@
 `compute_fisher` scores every parameter (or the ones given) on `num_samples` examples. The default path is
 vectorised: one forward and one backward per chunk of examples, with per-example gradients rebuilt from hooks (see
 `per_example.py`). On the first chunk it checks every parameter's vectorised score against the plain
-one-example-at-a-time loop; a parameter that differs (used outside its module's forward, say) is scored by that loop,
-which is also available for every parameter with `vectorized=False`.
+one-example-at-a-time loop at a bounded sample of entries (`sampled_gradients.py`); a parameter that differs (used
+outside its module's forward, say) is scored by that loop, which is also available for every parameter with
+`vectorized=False`. First, the per-example loss must equal the model's own `.loss` (`losses.check_model_loss`).
+Beyond the model and one chunk's activations, the pass holds the scores and one parameter's temporaries.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from fish_peft.masks.losses import loss_kind, per_example_loss, sample_labels
 from fish_peft.distributed.processes import (
     check_same_everywhere,
     is_sharded,
@@ -26,11 +27,14 @@ from fish_peft.distributed.processes import (
     sum_across_processes,
     tensors_digest,
 )
+from fish_peft.masks.losses import check_model_loss, loss_kind, per_example_loss, sample_labels
 from fish_peft.masks.per_example import CallRecorder, add_square_sum
+from fish_peft.masks.sampled_gradients import compared_entries, squared_gradients_at
 
 FISHER_TYPES = ("empirical", "expected")
 MAX_EXACT_CLASSES = 64  # up to this many classes the expected Fisher sums over classes instead of sampling
 VERIFY_EXAMPLES = 4  # examples on which the vectorised path is checked against the loop
+LOSS_CHECK_EXAMPLES = 2  # examples whose per-example loss is checked against the model's own
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -49,6 +53,8 @@ def compute_fisher(
     progress: bool = False,
     sharded: Optional[bool] = None,
     per_process: bool = False,
+    score_dtype: torch.dtype = torch.float32,
+    score_device: Optional[Union[str, torch.device]] = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of `model` on the first `num_samples` examples of `dataloader`.
 
@@ -73,9 +79,12 @@ def compute_fisher(
             the Fisher over `num_samples` examples in all, the same as one process over the same examples.
         per_process: each process scores the first `num_samples` examples of its own dataloader alone and keeps
             its own scores (the FISH paper's individual masks in distributed training); nothing is exchanged.
+        score_dtype: the scores' dtype; torch.bfloat16 halves their memory (each chunk is still summed in float32).
+        score_device: where the scores are kept (e.g. "cpu" for a model that fills its GPU); default: with each
+            parameter.
 
     Returns:
-        {parameter name: float32 tensor shaped like the parameter}.
+        {parameter name: tensor of `score_dtype` shaped like the parameter}.
     """
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
@@ -85,10 +94,13 @@ def compute_fisher(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if not isinstance(score_dtype, torch.dtype) or not score_dtype.is_floating_point:
+        raise ValueError(f"score_dtype must be a floating-point dtype (e.g. torch.bfloat16), got {score_dtype!r}.")
     params = dict(parameters) if parameters is not None else dict(model.named_parameters())
     if not params:
         raise ValueError("No parameters to score.")
-    scorer = _FisherScorer(model, params, fisher, loss_fn, torch.Generator().manual_seed(seed), vectorized)
+    generator = torch.Generator().manual_seed(seed)
+    scorer = _FisherScorer(model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device)
     was_training = model.training
     requires_grad = {name: p.requires_grad for name, p in params.items()}
     model.eval()  # no dropout: each example's gradient is a deterministic function of the example
@@ -158,49 +170,82 @@ def _score_stream(scorer, dataloader, params, span: tuple[int, int], offset: int
 
 
 class _FisherScorer:
-    """Accumulates squared per-example gradients chunk by chunk."""
+    """Accumulates squared per-example gradients chunk by chunk into `scores`."""
 
-    def __init__(self, model, params, fisher, loss_fn, generator, vectorized):
+    def __init__(self, model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device):
         self.model, self.params, self.fisher, self.loss_fn, self.generator = model, params, fisher, loss_fn, generator
-        self.scores = _zeros_like(params)
+        self.scores = {
+            name: torch.zeros(p.shape, dtype=score_dtype, device=p.device if score_device is None else score_device)
+            for name, p in params.items()
+        }
         self.recorder = CallRecorder(model, params) if vectorized else None
         self.vectorized_names = set(self.recorder.hooked_parameters) if vectorized else set()
         self.verified = not vectorized
+        self.loss_checked = loss_fn is not None
 
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.remove()
 
     def score(self, batch: dict, first_example: int) -> None:
+        if not self.loss_checked:
+            for i in range(min(LOSS_CHECK_EXAMPLES, _batch_size(batch))):
+                check_model_loss(self.model, _slice(batch, i, i + 1), first_example + i)
+            self.loss_checked = True
         if not self.verified:
-            self._verify(batch, first_example)
+            head = min(VERIFY_EXAMPLES, _batch_size(batch))
+            self._verify(_slice(batch, 0, head), first_example)
+            if self.fisher == "empirical":  # the check scored these examples already
+                batch, first_example = _slice(batch, head, _batch_size(batch)), first_example + head
+        if not _batch_size(batch):
+            return
         if self.vectorized_names:
-            self._score_vectorized(batch, first_example, self.fisher, self.scores)
-        looped = [name for name in self.params if name not in self.vectorized_names]
-        for i in range(_batch_size(batch) if looped else 0):
-            self._score_loop(_slice(batch, i, i + 1), looped, first_example + i, self.fisher, self.scores)
+            self._score_vectorized(batch, first_example, self.fisher, self._accumulate)
+        self._score_looped(batch, first_example)
 
     def _verify(self, batch: dict, first_example: int) -> None:
         """On the first few examples, each parameter's vectorised score must equal the one-example loop's (at the
-        gold labels); a parameter whose per-example gradients the hooks cannot rebuild is scored by the loop."""
-        batch = _slice(batch, 0, min(VERIFY_EXAMPLES, _batch_size(batch)))
-        names = sorted(self.vectorized_names)
-        vectorised, reference = _zeros_like(self.params), _zeros_like(self.params)
-        self._score_vectorized(batch, first_example, "empirical", vectorised)
-        for i in range(_batch_size(batch)):
-            self._score_loop(_slice(batch, i, i + 1), names, first_example + i, "empirical", reference)
-        scale = max(reference[name].abs().max().item() for name in names) if names else 0.0
+        gold labels) at a bounded sample of its entries (`compared_entries`). A parameter whose per-example
+        gradients the hooks cannot rebuild is scored by the loop. For the empirical Fisher the vectorised scores of
+        these examples are kept as theirs."""
+        entries, vectorised = {}, {}
+
+        def sample(name: str, contributions: list) -> None:
+            if self.fisher == "empirical" and self._in_place(name):  # still zero, so they hold these examples' alone
+                full = self.scores[name]
+                add_square_sum(contributions, full)
+            else:
+                full = torch.zeros(self.params[name].shape, dtype=torch.float32, device=self.params[name].device)
+                add_square_sum(contributions, full)
+                if self.fisher == "empirical":
+                    self._add(name, full)
+            entries[name] = compared_entries(full.view(-1))
+            vectorised[name] = full.view(-1)[entries[name]]
+
+        self._score_vectorized(batch, first_example, "empirical", sample)
+        for name in self.vectorized_names - set(entries):  # no module call of theirs was recorded: scored 0
+            entries[name] = compared_entries(torch.zeros(self.params[name].numel(), device=self.params[name].device))
+            vectorised[name] = torch.zeros(entries[name].numel(), device=entries[name].device)
+        examples = [_slice(batch, i, i + 1) for i in range(_batch_size(batch))]
+        losses = (next(self._weighted_losses(e, first_example + i, "empirical")) for i, e in enumerate(examples))
+        reference = squared_gradients_at({name: self.params[name] for name in entries}, entries, losses)
+        scale = max((float(r.abs().max()) for r in reference.values() if r.numel()), default=0.0)
         self.vectorized_names = {
             name for name in self.vectorized_names
-            if (vectorised[name] - reference[name]).abs().max() <= 1e-3 * reference[name].abs().max() + 1e-5 * scale
+            if not entries[name].numel()
+            or (vectorised[name] - reference[name]).abs().max() <= 1e-3 * reference[name].abs().max() + 1e-5 * scale
         }
         looped = sorted(set(self.params) - self.vectorized_names)
+        if self.fisher == "empirical":
+            for name in looped:
+                self.scores[name].zero_()
+            self._score_looped(batch, first_example)
         if looped:
             warnings.warn(
                 f"{len(looped)} parameter(s) are scored one example at a time (slower) because their per-example "
                 f"gradients cannot be rebuilt from one backward pass: {', '.join(looped[:3])}"
                 + (" ..." if len(looped) > 3 else ""),
-                stacklevel=4,
+                stacklevel=5,
             )
         self.verified = True
 
@@ -230,7 +275,9 @@ class _FisherScorer:
             _check_finite(losses, first_example)
             yield losses
 
-    def _score_vectorized(self, batch: dict, first_example: int, fisher: str, into: dict) -> None:
+    def _score_vectorized(self, batch: dict, first_example: int, fisher: str, accumulate) -> None:
+        """One forward and one backward per loss; `accumulate(name, contributions)` takes each parameter's
+        per-example gradients in turn."""
         with self.recorder.recording(_batch_size(batch)):
             passes = self._weighted_losses(batch, first_example, fisher)
             losses = next(passes)
@@ -246,21 +293,35 @@ class _FisherScorer:
             for call, delta in zip(calls, deltas):
                 call.delta = delta
             for name, contributions in self.recorder.contributions(self.vectorized_names):
-                add_square_sum(contributions, into[name])
+                accumulate(name, contributions)
             losses = following
         self.recorder.calls = []
 
-    def _score_loop(self, example: dict, names: list[str], index: int, fisher: str, into: dict) -> None:
+    def _score_looped(self, batch: dict, first_example: int) -> None:
+        """The parameters the hooks cannot score, one example at a time."""
+        names = [name for name in self.params if name not in self.vectorized_names]
         params = [self.params[name] for name in names]
-        for losses in self._weighted_losses(example, index, fisher):
-            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=True)
-            for name, grad in zip(names, grads):
-                if grad is not None:
-                    into[name] += grad.float().pow(2)
+        for i in range(_batch_size(batch) if names else 0):
+            for losses in self._weighted_losses(_slice(batch, i, i + 1), first_example + i, self.fisher):
+                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=True)
+                for name, grad in zip(names, grads):
+                    if grad is not None:
+                        self._add(name, grad.float().pow(2))
 
+    def _in_place(self, name: str) -> bool:
+        """Whether a parameter's scores can take squared gradients directly (float32, on the parameter's device)."""
+        return self.scores[name].dtype == torch.float32 and self.scores[name].device == self.params[name].device
 
-def _zeros_like(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+    def _accumulate(self, name: str, contributions: list) -> None:
+        if self._in_place(name):
+            add_square_sum(contributions, self.scores[name])
+        else:  # summed in float32 on the model's device, then added once
+            full = torch.zeros(self.params[name].shape, dtype=torch.float32, device=self.params[name].device)
+            add_square_sum(contributions, full)
+            self._add(name, full)
+
+    def _add(self, name: str, squares: torch.Tensor) -> None:
+        self.scores[name].add_(squares.to(self.scores[name].device))
 
 
 def _check_finite(losses: torch.Tensor, first_example: int) -> None:

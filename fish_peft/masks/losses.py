@@ -1,11 +1,14 @@
 """Per-example losses (one value per example, not a batch mean) and labels drawn from the model's prediction.
 
 They match what a transformers model returns as `.loss` for a batch of one example, so the vectorised Fisher equals
-a one-example-at-a-time loop over `model(**example).loss`.
+a one-example-at-a-time loop over `model(**example).loss`; `check_model_loss` holds the model to that. Whether a
+model is a causal LM (next-token loss, labels shifted) is read the way transformers maps models to tasks.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -13,22 +16,98 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+CAUSAL_TASK_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+KIND_NAMES = {
+    "causal_lm": "causal-LM next-token cross-entropy, labels shifted by one",
+    "token": "per-token cross-entropy, labels not shifted",
+    "regression": "mean squared error",
+    "multi_label": "binary cross-entropy",
+    "single_label": "cross-entropy",
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside PEFT, torch.compile and (Distributed)DataParallel wrappers."""
+    *_, inner = _wrappers(model)
+    return inner
+
+
+def _wrappers(model: nn.Module):
+    """`model` and each model it wraps, outermost first."""
+    while True:
+        yield model
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        else:
+            return
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether transformers trains `model` with the next-token loss: a PEFT wrapper has task type CAUSAL_LM, or the
+    model's class (or a base class) is one transformers maps to the causal-LM or image-text-to-text task, by name or
+    through the config's `auto_map`; never an encoder-decoder model."""
+    *wrappers, inner = _wrappers(model)
+    for wrapper in wrappers:
+        configs = getattr(wrapper, "peft_config", None)
+        if isinstance(configs, dict) and any(getattr(c, "task_type", None) == "CAUSAL_LM" for c in configs.values()):
+            return True
+    config = getattr(inner, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    names = {cls.__name__ for cls in type(inner).__mro__}
+    remote = str((getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM", ""))
+    return bool(names & _causal_lm_class_names()) or remote.rpartition(".")[2] in names
+
+
+@functools.lru_cache(maxsize=1)
+def _causal_lm_class_names() -> frozenset[str]:
+    from transformers.models.auto import modeling_auto
+
+    names = set()
+    for mapping in CAUSAL_TASK_MAPPINGS:
+        for value in getattr(modeling_auto, mapping, {}).values():
+            names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
 
 
 def loss_kind(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> str:
     """Which loss transformers would apply, decided the way its model heads decide it."""
-    config = getattr(model, "config", None)
     if logits.dim() == 3:
-        causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-        if causal and not getattr(config, "is_encoder_decoder", False):
-            return "causal_lm"
-        return "token"
-    problem = getattr(config, "problem_type", None)
+        return "causal_lm" if is_causal_lm(model) else "token"
+    problem = getattr(getattr(unwrap_model(model), "config", None), "problem_type", None)
     if problem == "regression" or (problem is None and logits.shape[-1] == 1):
         return "regression"
     if problem == "multi_label_classification" or (problem is None and labels.is_floating_point()):
         return "multi_label"
     return "single_label"
+
+
+def check_model_loss(model: nn.Module, example: dict, index: int) -> None:
+    """Refuse a model whose own `.loss` on a one-example batch (with its `labels`) differs from the per-example loss
+    the Fisher would square the gradient of; models that take no `labels` or return no loss are not checked."""
+    if "labels" not in inspect.signature(unwrap_model(model).forward).parameters:
+        return
+    with torch.no_grad():
+        outputs = model(**example)
+    own, logits = getattr(outputs, "loss", None), getattr(outputs, "logits", None)
+    if own is None or logits is None:
+        return
+    kind = loss_kind(model, logits, example["labels"])
+    ours = per_example_loss(kind, logits, example["labels"])[0]
+    if not torch.isfinite(ours):
+        return  # the Fisher pass reports it with the example's number
+    tolerance = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 1e-2
+    if not torch.isclose(ours, own.detach().float(), rtol=tolerance, atol=1e-6):
+        raise ValueError(
+            f"The Fisher's per-example loss ({KIND_NAMES[kind]}) is {float(ours):.6g} on example {index}, but "
+            f"{type(unwrap_model(model)).__name__}'s own loss is {float(own):.6g}: its loss is not one fish-peft "
+            "recognises. Pass loss_fn=(outputs, batch) -> per-example losses of shape (batch,), computed as the "
+            "model computes its loss, to compute_fisher / compute_fisher_mask."
+        )
 
 
 def per_example_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.pytorch_utils import Conv1D
 
+GRADIENT_BLOCK = 1 << 22  # entries of a Linear weight's per-example gradient built at a time
+
 
 @dataclass
 class OuterProducts:
@@ -32,11 +34,14 @@ class OuterProducts:
 
     def add_square_sum(self, out: torch.Tensor) -> None:
         # One small matmul per example beats a batched matmul here, skips the example's padding, and never holds
-        # all examples' gradients at once.
-        grad = torch.empty_like(out)
+        # all examples' gradients at once; a large gradient is built a block of rows at a time.
+        rows = max(1, min(out.shape[0], GRADIENT_BLOCK // max(1, out.shape[1])))
+        block = torch.empty(rows, out.shape[1], dtype=out.dtype, device=out.device)
         for left, right, tokens in zip(self.left, self.right, self.tokens):
-            torch.mm(left[tokens].T, right[tokens], out=grad)
-            out.addcmul_(grad, grad)
+            left, right = left[tokens].T, right[tokens]
+            for start in range(0, out.shape[0], rows):
+                grad = torch.mm(left[start : start + rows], right, out=block[: min(rows, out.shape[0] - start)])
+                out[start : start + rows].addcmul_(grad, grad)
 
     def dense(self) -> torch.Tensor:
         return torch.bmm(self.left.transpose(1, 2), self.right)

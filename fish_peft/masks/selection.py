@@ -18,6 +18,7 @@ from torch import nn
 from fish_peft.distributed.processes import check_same_everywhere
 from fish_peft.masks.fisher import compute_fisher
 from fish_peft.masks.fish_mask import FishMask
+from fish_peft.masks.top_k import top_k
 
 HEAD_MODULE_NAMES = ("classifier", "score")  # the heads PEFT keeps trainable for sequence classification
 SELECTIONS = ("global", "per_module")
@@ -101,42 +102,15 @@ def sparse_budget(num_total: int, num_head: int, num_eligible: int, keep_ratio: 
 
 
 def select_top_k(scores: dict[str, torch.Tensor], k: int, selection: str = "global") -> dict[str, torch.Tensor]:
-    """The k highest-scoring entries, globally or per parameter (proportional to size), as sorted flat indices."""
+    """The k highest-scoring entries, globally or per parameter (proportional to size), as sorted flat indices on the
+    scores' device; ties go to the lower (parameter order, flat index)."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
     if selection == "global":
-        return _split(_top_k_flat(torch.cat([s.reshape(-1).float() for s in scores.values()]), k), scores)
+        return top_k(scores, k)
     sizes = torch.tensor([s.numel() for s in scores.values()], dtype=torch.float64)
     quotas = _largest_remainder(sizes * (k / sizes.sum()), k)
-    return {
-        name: _top_k_flat(score.reshape(-1).float(), int(q))
-        for (name, score), q in zip(scores.items(), quotas.tolist())
-    }
-
-
-def _top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted indices of the k largest entries; among equal scores the lower index wins."""
-    if k >= flat.numel():
-        return torch.arange(flat.numel())
-    if k <= 0:
-        return torch.empty(0, dtype=torch.int64)
-    if torch.isnan(flat).any():
-        raise ValueError("Scores contain NaN; cannot rank parameters.")
-    threshold = torch.topk(flat, k, sorted=False).values.min()
-    above = flat > threshold
-    ties = (flat == threshold).nonzero().squeeze(1)[: k - int(above.sum())]
-    above[ties] = True
-    return above.nonzero().squeeze(1)
-
-
-def _split(flat_indices: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    result, offset = {}, 0
-    for name, tensor in like.items():
-        end = offset + tensor.numel()
-        lo, hi = torch.searchsorted(flat_indices, torch.tensor([offset, end])).tolist()
-        result[name] = flat_indices[lo:hi] - offset
-        offset = end
-    return result
+    return {name: top_k({name: score}, int(q))[name] for (name, score), q in zip(scores.items(), quotas.tolist())}
 
 
 def _largest_remainder(shares: torch.Tensor, total: int) -> torch.Tensor:
@@ -236,7 +210,7 @@ def magnitude_mask(model: nn.Module, keep_ratio: float = 0.005, **options: Unpac
     """Data-free baseline: the same budget, entries with the largest |θ| (options: `MaskOptions`)."""
 
     def score_fn(candidates):
-        return {name: p.detach().abs().cpu() for name, p in candidates.items()}
+        return {name: p.detach().abs() for name, p in candidates.items()}
 
     return build_mask(model, score_fn, keep_ratio, {"method": "magnitude"}, **options)
 

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from fish_peft import compute_fisher
+from fish_peft.masks import fisher as fisher_module
+from fish_peft.masks import per_example, sampled_gradients
 from tests.models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 
@@ -170,3 +172,73 @@ def test_bad_inputs_get_clear_errors():
         model.classifier.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN/inf for example 0"):
         compute_fisher(model, batches, num_samples=2)
+
+
+class WideLeakyModel(LeakyModel):
+    """`a` has more entries than the self-check compares, and its weight is used outside its own forward."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.a = nn.Linear(48, 48)
+        self.b = nn.Linear(48, 3)
+
+
+def test_the_self_check_compares_a_bounded_sample_yet_catches_a_leaky_parameter(monkeypatch):
+    monkeypatch.setattr(sampled_gradients, "MAX_ENTRIES", 64)
+    compared = {}
+    real = fisher_module.squared_gradients_at
+
+    def spy(params, entries, losses):
+        compared.update({name: idx.numel() for name, idx in entries.items()})
+        return real(params, entries, losses)
+
+    monkeypatch.setattr(fisher_module, "squared_gradients_at", spy)
+    torch.manual_seed(0)
+    model = WideLeakyModel()
+    batches = [{"x": torch.randn(6, 48), "labels": torch.randint(0, 3, (6,))} for _ in range(2)]
+    with pytest.warns(UserWarning, match="1 parameter.*a.weight"):
+        scores = compute_fisher(model, batches, num_samples=12, chunk_size=5)
+    assert compared["a.weight"] <= 64 < model.a.weight.numel()
+    assert_scores_close(scores, reference_fisher(model, batches))
+
+
+def test_the_self_check_catches_a_wrong_vectorised_rule(monkeypatch):
+    monkeypatch.setattr(sampled_gradients, "MAX_ENTRIES", 64)
+    right = per_example._linear
+
+    def wrong(module, attr, args, kwargs, delta):
+        return right(module, attr, args, kwargs, delta * 1.1)
+
+    monkeypatch.setattr(per_example, "_linear", wrong)
+    model = tiny_llama()
+    batches = lm_batches()
+    with pytest.warns(UserWarning, match="lm_head.weight, model.layers.0.mlp.down_proj.weight"):
+        scores = compute_fisher(model, batches, num_samples=8, chunk_size=3)
+    reference = reference_fisher(model, batches)
+    largest = max(r.max() for r in reference.values())
+    # caught wherever the error exceeds the check's tolerance (1e-3 of the parameter's largest score + 1e-5 of the
+    # model's): here every parameter but attention queries and keys, whose scores are ~1e-5 of the largest
+    kept = {name for name, r in reference.items() if r.max() > 1e-4 * largest}
+    assert_scores_close({n: scores[n] for n in kept}, {n: reference[n] for n in kept})
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "expected"])
+def test_scores_kept_in_bfloat16_or_on_another_device(fisher):
+    model = tiny_bert(num_labels=3)
+    batches = classification_batches()
+    full = compute_fisher(model, batches, num_samples=10, fisher=fisher, chunk_size=3)
+    half = compute_fisher(
+        model, batches, num_samples=10, fisher=fisher, chunk_size=3, score_dtype=torch.bfloat16, score_device="cpu"
+    )
+    for name, score in full.items():
+        assert half[name].dtype == torch.bfloat16 and half[name].device.type == "cpu"
+        assert torch.allclose(half[name].float(), score, rtol=2e-2, atol=1e-12)
+    with pytest.raises(ValueError, match="score_dtype"):
+        compute_fisher(model, batches, num_samples=2, score_dtype=torch.int8)
+
+
+def test_large_per_example_gradients_are_built_a_block_of_rows_at_a_time(monkeypatch):
+    monkeypatch.setattr(per_example, "GRADIENT_BLOCK", 100)  # 3 rows of a 32-column weight at a time
+    model = tiny_llama()
+    batches = lm_batches()
+    assert_scores_close(compute_fisher(model, batches, num_samples=8, chunk_size=3), reference_fisher(model, batches))
