@@ -51,6 +51,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
         check_output_dir(out, overwrite, elsewhere=f"{out}-{recipe.method}")
     started = time.perf_counter()
     setup = Setup.from_recipe(recipe)
+    args = training_arguments(recipe, out, setup.task)
+    setup.model.to(args.device)  # the Fisher runs on the accelerator the Trainer trains on
     mask, fisher_seconds = starting_mask(recipe, setup, out, checkpoint)
     model = apply_method(recipe, setup.model, mask)
     loop = training_loop(recipe, model, mask, setup)
@@ -58,7 +60,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
         start_checkpoints(recipe, mask, out)
     trainer = Trainer(
         model=model,
-        args=training_arguments(recipe, out, setup.task),
+        args=args,
         train_dataset=setup.tokenized["train"],
         eval_dataset=setup.evaluation_splits(),
         data_collator=setup.collator,
@@ -194,6 +196,8 @@ def build_mask_only(recipe: Recipe) -> tuple[FishMask, dict[str, tuple[int, ...]
     if recipe.method not in ("fish", "random", "bitfit"):
         raise ValueError(f"method {recipe.method!r} has no mask; use fish, random or bitfit.")
     setup = Setup.from_recipe(recipe)
+    with tempfile.TemporaryDirectory() as scratch:
+        setup.model.to(training_arguments(recipe, Path(scratch), setup.task).device)
     mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
     return mask, {name: tuple(p.shape) for name, p in base_named_parameters(setup.model)}
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from fish_peft.distributed.processes import rank_and_world
+from fish_peft.distributed.processes import all_reduce_in_place, rank_and_world
 
 
 class Traffic:
@@ -56,7 +55,7 @@ def reduce_across_processes(tensor: torch.Tensor, traffic: Traffic, what: str, m
     world = rank_and_world()[1]
     if world > 1:
         traffic.add(what, tensor)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        all_reduce_in_place(tensor)
         if mean:
             tensor.div_(world)
     return tensor

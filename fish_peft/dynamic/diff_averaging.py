@@ -21,7 +21,15 @@ from torch import nn
 
 from fish_peft.distributed.communication import Traffic, reduce_across_processes
 from fish_peft.tuner.config import FishConfig
-from fish_peft.distributed.processes import ProcessMismatchError, check_same_everywhere, rank_and_world, tensors_digest
+from fish_peft.distributed.processes import (
+    ProcessMismatchError,
+    check_same_everywhere,
+    collective_device,
+    digest_integers,
+    gather_integers,
+    rank_and_world,
+    tensors_digest,
+)
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.masks.selection import base_named_parameters
 from fish_peft.dynamic.evolving_diff import diff_entries, fish_adapter_config
@@ -29,6 +37,7 @@ from fish_peft.dynamic.optimizer_state import drop_parameter, entry_sources, rea
 from fish_peft.dynamic.targets import SparseTrainingError
 
 REDUCTIONS = ("mean", "sum")
+CHECK_INS = ("average", "finish")  # the calls at which every process reports its step and mask
 
 
 class DiffAverager:
@@ -131,15 +140,15 @@ class DiffAverager:
         world = rank_and_world()[1]
         if world == 1:
             return True
-        reports: list = [None] * world
-        dist.all_gather_object(reports, (what, self.steps, self.mask_digest()))
-        if len({(w, s) for w, s, _ in reports}) > 1:
+        calls = list(CHECK_INS)
+        reports = gather_integers([calls.index(what), self.steps, *digest_integers(self.mask_digest())])
+        if len({(w, s) for w, s, *_ in reports}) > 1:
             raise ProcessMismatchError(
-                f"The processes are out of step: {[(w, s) for w, s, _ in reports]} (call, local steps) by rank. "
+                f"The processes are out of step: {[(calls[w], s) for w, s, *_ in reports]} (call, local steps) by rank. "
                 "Diff averaging needs every process to take the same number of steps: give each the same number "
                 "of batches (a process with no data cannot take part)."
             )
-        return len({d for _, _, d in reports}) == 1
+        return len({tuple(d) for _, _, *d in reports}) == 1
 
     def mask_digest(self) -> str:
         return tensors_digest({e.name: e.indices for e in self.entries})
@@ -168,17 +177,16 @@ class DiffAverager:
         world = rank_and_world()[1]
         if world == 1:
             return positions, values
-        counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([positions.numel()]))
-        longest = int(max(c.item() for c in counts))
-        padded = torch.zeros(longest, dtype=torch.long), torch.zeros(longest, dtype=values.dtype)
+        counts = [count for (count,) in gather_integers([positions.numel()])]
+        longest, device = max(counts), collective_device(values)
+        padded = torch.zeros(longest, dtype=torch.long, device=device), torch.zeros(longest, dtype=values.dtype, device=device)
         padded[0][: positions.numel()], padded[1][: values.numel()] = positions, values
         gathered = []
         for tensor, what in zip(padded, ("diff positions", "diff values")):
             parts = [torch.empty_like(tensor) for _ in range(world)]
             self.traffic.add(what, tensor)
             dist.all_gather(parts, tensor)
-            gathered.append(torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)]))
+            gathered.append(torch.cat([part[:count] for part, count in zip(parts, counts)]).to(values.device))
         return gathered[0], gathered[1]
 
     def _fold(self, name: str, positions: torch.Tensor, change: torch.Tensor) -> None:
@@ -342,7 +350,7 @@ def _offsets(parameters: dict[str, nn.Parameter]) -> dict[str, int]:
 
 def _split_by_parameter(positions: torch.Tensor, values: torch.Tensor, offsets: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     names = sorted(offsets, key=offsets.get)
-    starts = torch.tensor([offsets[n] for n in names])
+    starts = torch.tensor([offsets[n] for n in names], device=positions.device)
     owner = torch.bucketize(positions, starts, right=True) - 1
     result = {}
     for i in owner.unique().tolist():

@@ -6,7 +6,6 @@ network and their densities (Top-KAST, sparse momentum, the static control); the
 
 from __future__ import annotations
 
-import hashlib
 import time
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence
@@ -14,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fish_peft.distributed.processes import check_same_everywhere
+from fish_peft.distributed.processes import check_same_everywhere, tensors_digest
 from fish_peft.dynamic.densities import layer_densities
 from fish_peft.dynamic.optimizer_state import groups_of, unwrap_optimizer
 from fish_peft.dynamic.targets import DEFAULT_SPARSE_MODULES, SparseTrainingError, find_sparse_weights
@@ -86,11 +85,7 @@ class MaskEngine(ABC):
 
     def mask_digest(self) -> str:
         """A hash of every mask: equal on every process when the masks agree."""
-        digest = hashlib.sha256()
-        for name, mask in sorted(self.masks().items()):
-            digest.update(name.encode())
-            digest.update(mask.detach().cpu().flatten().numpy().tobytes())
-        return digest.hexdigest()
+        return tensors_digest(self.masks())
 
     def _should_update(self) -> bool:
         return True

@@ -14,7 +14,6 @@ process makes the same decision; the masks are compared across processes after i
 
 from __future__ import annotations
 
-import hashlib
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from torch import nn
 
 from fish_peft.distributed.communication import Traffic, reduce_across_processes
 from fish_peft.tuner.config import FishConfig
-from fish_peft.distributed.processes import rank_and_world
+from fish_peft.distributed.processes import rank_and_world, tensors_digest
 from fish_peft.tuner.layer import FishLayer, storage_key
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.dynamic.engine import MaskEngine
@@ -195,12 +194,9 @@ class EvolvingDiff(MaskEngine):
         return self._digest(self.stored_indices)
 
     def _digest(self, indices_of) -> str:
-        digest = hashlib.sha256()
-        for entry in sorted(self.entries, key=lambda e: e.name):
-            digest.update(entry.name.encode())
-            for indices in indices_of(entry):
-                digest.update(indices.detach().cpu().to(torch.int64).numpy().tobytes())
-        return digest.hexdigest()
+        return tensors_digest(
+            {f"{entry.name}#{i}": indices.long() for entry in self.entries for i, indices in enumerate(indices_of(entry))}
+        )
 
     def stored_indices(self, entry: DiffEntry) -> list[torch.Tensor]:
         return [entry.indices]

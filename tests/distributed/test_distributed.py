@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from fish_peft import compute_fisher, compute_fisher_mask
 from tests.distributed_launch import launch
 from tests.models import tiny_bert
+from tests.workers.collective_log import check_collectives
 from tests.workers.fisher_worker import examples
 
 
@@ -34,6 +35,8 @@ def test_fisher_over_one_stream_is_split_between_processes_and_summed(tmp_path):
     run = launch("fisher_worker.py", tmp_path, "stream")
     assert run.returncode == 0, run.stderr[-3000:]
     check_run(tmp_path, num_samples=10)
+    fisher_modules = {"fish_peft.distributed.processes"}
+    check_collectives(tmp_path, "cpu", fisher_modules)  # the model's device: no CPU tensors a GPU group refuses
 
 
 def test_fisher_over_accelerate_shards_equals_one_process_over_all_of_them(tmp_path):

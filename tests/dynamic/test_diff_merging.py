@@ -16,6 +16,7 @@ from fish_peft.tuner.layer import FishLayer
 from fish_peft.masks.selection import base_named_parameters
 from tests.distributed_launch import launch, train_sst2_in_two_processes
 from tests.models import example_inputs, tiny_bert
+from tests.workers.collective_log import check_collectives
 from tests.workers.merge_worker import BATCH, MERGE_EVERY, STEPS, optimizer_for, shard, train_one_batch, worker_model
 
 PROBE = example_inputs("bert", batch=4, seq=8, seed=9, labels=False)
@@ -77,6 +78,9 @@ def load_adapter(path):
 def test_two_processes_equal_the_workers_simulated_in_one(tmp_path, mode, seeds, reduction):
     results = run_workers(tmp_path, mode)
     assert results[0]["digest"] == results[1]["digest"]  # every process ends with the same model
+    # on the model's device only (what NCCL needs): the step/mask check-ins, the gathers and the reductions
+    check_collectives(tmp_path, "cpu", {"fish_peft.distributed.processes"}
+                      | ({"fish_peft.dynamic.diff_averaging"} if mode == "individual" else set()))
     merged = load_adapter(tmp_path / "adapter")
     assert_close(logits(merged), logits(simulate(seeds, reduction)), rtol=1e-4, atol=1e-5)
     k = sum(worker_model(0).peft_config["default"].sparse_parameters.values())

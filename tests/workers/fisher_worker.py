@@ -5,7 +5,7 @@ usage: fisher_worker.py OUT_DIR MODE, MODE one of
   sharded  a DataLoader prepared by Accelerate (each process its own batches; num_samples=12, all of them)
   short    rank 1's shard is too short: every process must fail, none may hang
   models   rank 1 holds another model: detected before any scoring
-Each process writes scores{rank}.safetensors and mask{rank}.json.
+Each process writes scores{rank}.safetensors, mask{rank}.json and collectives{rank}.json (see collective_log.py).
 """
 
 import json
@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from fish_peft import compute_fisher, compute_fisher_mask
 from tests.models import example_inputs, tiny_bert
+from tests.workers.collective_log import record_collectives, save_collectives
 
 NUM_EXAMPLES = 12
 
@@ -28,6 +29,7 @@ def examples() -> list[dict]:
 
 
 def main(out: Path, mode: str) -> None:
+    calls = record_collectives()
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     model = tiny_bert(seed=rank if mode == "models" else 0)
@@ -41,6 +43,7 @@ def main(out: Path, mode: str) -> None:
     mask = compute_fisher_mask(model, loader, keep_ratio=0.05, num_samples=num_samples, chunk_size=3, sharded=sharded)
     save_file({name: t.contiguous() for name, t in scores.items()}, str(out / f"scores{rank}.safetensors"))
     (out / f"mask{rank}.json").write_text(json.dumps({"digest": mask.digest(), "selected": mask.num_selected}))
+    save_collectives(calls, out, rank)
     accelerator.end_training()
 
 

@@ -8,7 +8,7 @@ usage: merge_worker.py OUT_DIR MODE, MODE one of
   uneven       rank 1 has fewer batches: every process must fail, none may hang
   unsaveable   shared mask, checkpointed after every merge into OUT_DIR/checkpoints, which is a file: every
                process must fail, none may hang
-Each process writes result{rank}.json (the merged model's digest, traffic); rank 0 saves the adapter in OUT_DIR/adapter.
+Each process writes result{rank}.json (the merged model's digest, traffic) and collectives{rank}.json; rank 0 saves the adapter in OUT_DIR/adapter.
 """
 
 import json
@@ -26,6 +26,7 @@ from fish_peft.distributed.processes import tensors_digest
 from fish_peft.dynamic.averaging_checkpoints import MergeCheckpoints
 from fish_peft.utils.rng_states import capture_rng
 from tests.models import example_inputs, tiny_bert
+from tests.workers.collective_log import record_collectives, save_collectives
 
 NUM_EXAMPLES, STEPS, MERGE_EVERY, BATCH = 24, 6, 2, 2
 
@@ -54,6 +55,7 @@ def train_one_batch(model, optimizer, batch) -> None:
 
 def main(out: Path, mode: str) -> None:
     rank = int(os.environ["RANK"])
+    calls = record_collectives()
     model = worker_model(mask_seed=rank if mode == "individual" else 0)  # before the process group: no mask check
     accelerator = Accelerator(cpu=True)
     data = shard(rank)[: 4 if mode == "uneven" and rank == 1 else None]
@@ -82,6 +84,7 @@ def main(out: Path, mode: str) -> None:
         "selected": sum(model.peft_config["default"].sparse_parameters.values()),
     }
     (out / f"result{rank}.json").write_text(json.dumps(result))
+    save_collectives(calls, out, rank)
     if rank == 0:
         model.save_pretrained(out / "adapter")
     accelerator.end_training()
