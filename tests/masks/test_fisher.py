@@ -242,3 +242,20 @@ def test_large_per_example_gradients_are_built_a_block_of_rows_at_a_time(monkeyp
     model = tiny_llama()
     batches = lm_batches()
     assert_scores_close(compute_fisher(model, batches, num_samples=8, chunk_size=3), reference_fisher(model, batches))
+
+
+def test_a_bfloat16_model_is_scored_vectorised_and_close_to_its_float32_scores():
+    """The self-check allows the rounding of the model's dtype: a bfloat16 model is not sent to the slow loop."""
+    import warnings
+
+    from tests.models import example_inputs
+
+    batch = example_inputs("llama", batch=4, seq=8)
+    loader = [batch]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loop fallback warns
+        low = compute_fisher(tiny_llama().to(torch.bfloat16), loader, num_samples=4)
+    full = compute_fisher(tiny_llama(), loader, num_samples=4)
+    for name in full:
+        top = full[name].abs().max()
+        assert (low[name].float() - full[name]).abs().max() <= 0.1 * top + 1e-12, name
