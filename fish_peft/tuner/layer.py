@@ -10,8 +10,10 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
+from fish_peft.tuner.sparse_linear import sparse_term
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -207,12 +209,14 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         """The names (relative to the wrapped module) of the parameters adapter `adapter_name` changes."""
         return [parameter_name(key) for key in self.fish_values[adapter_name]] if adapter_name in self.fish_values else []
 
-    def effective_parameters(self) -> dict[str, torch.Tensor]:
-        """W + Σ Δ over the active adapters, for every parameter an active adapter touches."""
+    def effective_parameters(self, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """W + Σ Δ over the active adapters, for every parameter an active adapter touches (but `exclude`)."""
         effective: dict[str, torch.Tensor] = {}
         weights: dict[str, torch.Tensor] = {}
         for adapter_name in self.active_adapters:
             for param_name in self.adapted_parameters(adapter_name):
+                if param_name in exclude:
+                    continue
                 weight = weights.setdefault(param_name, self.base_parameter(param_name))
                 flat = effective.get(param_name, weight.reshape(-1))
                 values = self._trained(self.values(adapter_name, param_name)).to(weight.dtype)
@@ -282,10 +286,32 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
             self.unmerge()
         if self.disable_adapters or self.merged:
             return self.base_layer(*args, **kwargs)
+        if len(args) == 1 and not kwargs and self._weight_diff_is_a_sparse_term():
+            return self._forward_with_sparse_term(args[0])
         effective = self.effective_parameters()
         if not effective:
             return self.base_layer(*args, **kwargs)
         return functional_call(self.base_layer, effective, args, kwargs)
+
+    def _weight_diff_is_a_sparse_term(self) -> bool:
+        """Whether the weight's diff can run as `sparse_linear.SparseTerm`: a Linear or Conv1D, and no dense weight
+        gradient wanted (an evolving diff's update step) nor Top-KAST exploration entries on the weight."""
+        if not isinstance(self.base_layer, (nn.Linear, Conv1D)) or self.captured_gradients is not None:
+            return False
+        return not any(
+            adapter in self.fish_explore_values and storage_key("weight") in self.fish_explore_values[adapter]
+            for adapter in self.active_adapters
+        )
+
+    def _forward_with_sparse_term(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) with the other parameters' diffs (the bias) applied, plus each active adapter's weight term."""
+        others = self.effective_parameters(exclude=("weight",))
+        y = functional_call(self.base_layer, others, (x,)) if others else self.base_layer(x)
+        for adapter_name in self.active_adapters:
+            if "weight" in self.adapted_parameters(adapter_name):
+                values = self._trained(self.values(adapter_name, "weight"))
+                y = y + sparse_term(self.base_layer, x, values, self.indices(adapter_name, "weight")).to(y.dtype)
+        return y
 
     def __repr__(self) -> str:
         return "fish." + super().__repr__()

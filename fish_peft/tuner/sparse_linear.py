@@ -1,0 +1,69 @@
+"""The sparse diff of a Linear (or GPT-2 Conv1D) weight as its own term, y = base(x) + x·Δᵀ, computed from the k
+(output row, input column, value) entries alone: no W + Δ is formed, and the backward gives the values their
+gradient directly (Σ over tokens of g[:, row]·x[:, col]) instead of through a dense weight gradient. The term is
+computed in the values' precision (float32) and added to the base output in the output's dtype."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+def sparse_term(layer: nn.Module, x: torch.Tensor, values: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+    """The diff's term of `layer`'s output (Linear, or Conv1D whose weight is stored in × out) for input `x`."""
+    shape = tuple(layer.weight.shape)
+    flat = flat_indices.long()
+    return SparseTerm.apply(x, values, flat // shape[1], flat % shape[1], shape, isinstance(layer, Conv1D))
+
+
+class SparseTerm(torch.autograd.Function):
+    """x (..., in) → (..., out): x·Δᵀ for a Linear's Δ (out × in), x·Δ for a Conv1D's (in × out, `transposed`),
+    with Δ a CSR matrix of the k entries (sorted flat indices are CSR order). The values' gradient is a sampled
+    matrix product (SDDMM) at the k positions. On CPU (Linear(1024), 256 tokens, 0.5 %) this was 4x faster forward
+    and 2x faster backward than gathering x's columns and scattering them into y's rows."""
+
+    @staticmethod
+    def forward(ctx, x, values, rows, cols, shape, transposed):
+        flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
+        delta = _csr(rows, cols, values.to(flat.dtype), shape)
+        with torch.autocast(x.device.type, enabled=False):  # in float32, not autocast's dtype
+            term = ((delta.t() if transposed else delta) @ flat.t()).t()
+        ctx.save_for_backward(x, values, rows, cols)
+        ctx.shape, ctx.transposed = shape, transposed
+        return term.reshape(*x.shape[:-1], term.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values, rows, cols = ctx.saved_tensors
+        flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
+        grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x, grad_values = _gradients(ctx, x, values, rows, cols, flat, grad)
+        return grad_x, grad_values, None, None, None, None
+
+
+def _gradients(ctx, x, values, rows, cols, flat, grad):
+    """(x's gradient, the values' gradient), each None where not wanted."""
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        delta = _csr(rows, cols, values.to(flat.dtype), ctx.shape)
+        grad_x = ((delta if ctx.transposed else delta.t()) @ grad.t()).t().reshape(x.shape).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        pattern = _csr(rows, cols, torch.zeros_like(values, dtype=flat.dtype), ctx.shape)
+        left, right = (flat, grad) if ctx.transposed else (grad, flat)
+        grad_values = torch.sparse.sampled_addmm(pattern, left.t().contiguous(), right).values().to(values.dtype)
+    return grad_x, grad_values
+
+
+def _compute_dtype(values: torch.Tensor) -> torch.dtype:
+    """float32, or the values' dtype when it is wider: 16-bit values (and inputs) are not rounded in the product."""
+    return torch.promote_types(values.dtype, torch.float32)
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state", "invariant checks disabled"
+        crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=rows.dtype == torch.int32)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
