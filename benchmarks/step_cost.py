@@ -1,7 +1,7 @@
 """What one training step of a FISH adapter costs next to LoRA and full fine-tuning, measured side by side.
 
 A stack of `--layers` Linear(`--width`) layers, `--tokens` tokens, forward + backward of the sum of the output:
-- fish: a 0.5 % random mask on the weights (`--keep-ratio`), the weight diffs as sparse terms (`tuner/sparse_linear.py`),
+- fish: a 0.5 % random mask on the weights (`--keep-ratio`), the weight diffs as sparse terms (`tuner/sparse_terms.py`),
 - fish_w_plus_delta: the same adapter through the W + Δ path (what every step cost before the sparse term),
 - lora: LoRA r=`--rank` on every layer,
 - full: every weight trainable.

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
-from fish_peft.tuner.sparse_linear import sparse_term
+from fish_peft.tuner.sparse_terms import embedding_term, sparse_term
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -294,9 +294,12 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         return functional_call(self.base_layer, effective, args, kwargs)
 
     def _weight_diff_is_a_sparse_term(self) -> bool:
-        """Whether the weight's diff can run as `sparse_linear.SparseTerm`: a Linear or Conv1D, and no dense weight
-        gradient wanted (an evolving diff's update step) nor Top-KAST exploration entries on the weight."""
-        if not isinstance(self.base_layer, (nn.Linear, Conv1D)) or self.captured_gradients is not None:
+        """Whether the weight's diff can run as a term of its own (`sparse_terms`): a Linear, Conv1D or Embedding
+        (without max_norm, which rewrites the weight), and no dense weight gradient wanted (an evolving diff's
+        update step) nor Top-KAST exploration entries on the weight."""
+        layer = self.base_layer
+        sparse_layer = isinstance(layer, (nn.Linear, Conv1D)) or (isinstance(layer, nn.Embedding) and layer.max_norm is None)
+        if not sparse_layer or self.captured_gradients is not None:
             return False
         return not any(
             adapter in self.fish_explore_values and storage_key("weight") in self.fish_explore_values[adapter]
@@ -304,13 +307,15 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         )
 
     def _forward_with_sparse_term(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x) with the other parameters' diffs (the bias) applied, plus each active adapter's weight term."""
+        """base(x) with the other parameters' diffs (the bias) applied, plus each active adapter's weight term (x:
+        the input, or the ids of an Embedding)."""
         others = self.effective_parameters(exclude=("weight",))
         y = functional_call(self.base_layer, others, (x,)) if others else self.base_layer(x)
         for adapter_name in self.active_adapters:
             if "weight" in self.adapted_parameters(adapter_name):
-                values = self._trained(self.values(adapter_name, "weight"))
-                y = y + sparse_term(self.base_layer, x, values, self.indices(adapter_name, "weight")).to(y.dtype)
+                values, indices = self._trained(self.values(adapter_name, "weight")), self.indices(adapter_name, "weight")
+                term = embedding_term if isinstance(self.base_layer, nn.Embedding) else sparse_term
+                y = y + term(self.base_layer, x, values, indices).to(y.dtype)
         return y
 
     def __repr__(self) -> str:

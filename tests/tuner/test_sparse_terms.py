@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fish_peft.tuner.sparse_linear import SparseTerm, sparse_term
+from fish_peft.tuner.sparse_terms import SparseTerm, sparse_term
 
 
 def dense_reference(layer, x, indices, values):
@@ -62,3 +62,23 @@ def test_under_bfloat16_autocast_the_term_is_computed_in_float32():
     torch.testing.assert_close(term, dense_reference(layer, x.bfloat16().float(), indices, values.detach()) - layer(x.bfloat16().float()), rtol=1e-4, atol=1e-7)
     term.sum().backward()
     assert values.grad.dtype == torch.float32 and torch.isfinite(values.grad).all()
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_the_embedding_term_equals_a_dense_table_with_w_plus_delta(padding_idx):
+    from fish_peft.tuner.sparse_terms import embedding_term
+
+    torch.manual_seed(0)
+    layer = nn.Embedding(30, 6, padding_idx=padding_idx).double()
+    indices = torch.randperm(180)[:40].sort().values
+    values = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[3, 0, 3, 29], [7, 7, 11, 0]])
+    y = layer(ids) + embedding_term(layer, ids, values, indices)
+    reference_values = values.detach().clone().requires_grad_(True)
+    weight = layer.weight.detach().reshape(-1).index_add(0, indices, reference_values).view_as(layer.weight)
+    reference = nn.functional.embedding(ids, weight, padding_idx=padding_idx)
+    torch.testing.assert_close(y, reference)
+    g = torch.randn_like(y)
+    y.backward(g)
+    reference.backward(g)
+    torch.testing.assert_close(values.grad, reference_values.grad)

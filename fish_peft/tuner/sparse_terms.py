@@ -1,7 +1,8 @@
-"""The sparse diff of a Linear (or GPT-2 Conv1D) weight as its own term, y = base(x) + x·Δᵀ, computed from the k
-(output row, input column, value) entries alone: no W + Δ is formed, and the backward gives the values their
-gradient directly (Σ over tokens of g[:, row]·x[:, col]) instead of through a dense weight gradient. The term is
-computed in the values' precision (float32) and added to the base output in the output's dtype."""
+"""A weight's sparse diff as its own term of the layer's output, computed from the k entries alone, so that no
+W + Δ is formed and no dense weight gradient is computed:
+- Linear (and GPT-2 Conv1D): y = base(x) + x·Δᵀ, the values' gradient Σ over tokens of g[:, row]·x[:, col];
+- Embedding: y = base(ids) + the rows of Δ the batch looks up.
+Terms are computed in float32 (or the values' wider dtype) and added to the base output in the output's dtype."""
 
 from __future__ import annotations
 
@@ -67,3 +68,21 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tu
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state", "invariant checks disabled"
         crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=rows.dtype == torch.int32)
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+def embedding_term(layer: nn.Embedding, ids: torch.Tensor, values: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+    """The diff's rows for the looked-up `ids` (shape ids.shape + (embedding_dim,)), built over the batch's
+    distinct ids only. As in `nn.Embedding`, the padding row gets no gradient."""
+    dim = layer.embedding_dim
+    flat = flat_indices.long()
+    rows, cols = flat // dim, flat % dim
+    if layer.padding_idx is not None:
+        values = torch.where(rows == layer.padding_idx % layer.num_embeddings, values.detach(), values)
+    looked_up, inverse = torch.unique(ids, return_inverse=True)
+    if not looked_up.numel():  # an empty batch
+        return torch.zeros(*ids.shape, dim, dtype=_compute_dtype(values), device=values.device)
+    position = torch.searchsorted(looked_up, rows).clamp(max=looked_up.numel() - 1)
+    hit = looked_up[position] == rows
+    table = torch.zeros(looked_up.numel(), dim, dtype=_compute_dtype(values), device=values.device)
+    table = table.index_put((position[hit], cols[hit]), values[hit].to(table.dtype))
+    return table[inverse]
