@@ -219,7 +219,7 @@ def load_recipe(path: str, overrides: Optional[dict[str, str]] = None, recipe_cl
     keys.update({name: convert_value(name, raw, types_[name]) for name, raw in overrides.items() if name in own})
     training = {**{n: v for n, v in data.items() if n not in own}, **{n: v for n, v in overrides.items() if n not in own}}
     if training_fields:
-        keys["training"] = _training_values(training, path, given)
+        keys["training"] = _training_values(training, training_fields, path, given)
     (recipe,) = HfArgumentParser(recipe_cls).parse_dict(keys)
     return recipe
 
@@ -255,14 +255,14 @@ def _training_fields() -> dict[str, Any]:
             if f.init and f.name in actions and f.name not in SET_BY_RUN}
 
 
-def _training_values(values: dict[str, Any], path: str, given: dict[str, Any]) -> dict[str, Any]:
+def _training_values(values: dict[str, Any], fields: dict[str, Any], path: str, given: dict[str, Any]) -> dict[str, Any]:
     """TrainingArguments fields from the file and the overrides, strings read as TrainingArguments' own parser reads
-    them from a command line; refused, naming the key, when TrainingArguments refuses them."""
+    them from a command line with `fields` (`_training_fields`); refused, naming the key, when TrainingArguments
+    refuses them."""
     import tempfile
 
     from transformers import TrainingArguments
 
-    fields = _training_fields()
     read = {}
     for name, value in values.items():
         action = fields[name]

@@ -162,8 +162,8 @@ def start_checkpoints(recipe: Recipe, mask: Optional[FishMask], out: Path) -> No
 
 
 def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArguments:
-    first_split = task.validation_splits[0]
     """The recipe's TrainingArguments fields over fish-peft's defaults, and the fields the run sets itself."""
+    first_split = task.validation_splits[0]
     defaults = dict(
         data_seed=recipe.seed,
         eval_strategy="epoch",

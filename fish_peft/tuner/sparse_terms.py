@@ -28,31 +28,32 @@ class SparseTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, rows, cols, shape, transposed):
         flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
-        delta = _csr(rows, cols, values.to(flat.dtype), shape)
+        crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=rows.dtype == torch.int32)
+        delta = _csr(crow, cols, values.to(flat.dtype), shape)
         with torch.autocast(x.device.type, enabled=False):  # in float32, not autocast's dtype
             term = ((delta.t() if transposed else delta) @ flat.t()).t()
-        ctx.save_for_backward(x, values, rows, cols)
+        ctx.save_for_backward(x, values, crow, cols)
         ctx.shape, ctx.transposed = shape, transposed
         return term.reshape(*x.shape[:-1], term.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, values, rows, cols = ctx.saved_tensors
+        x, values, crow, cols = ctx.saved_tensors
         flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
         grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            grad_x, grad_values = _gradients(ctx, x, values, rows, cols, flat, grad)
+            grad_x, grad_values = _gradients(ctx, x, values, crow, cols, flat, grad)
         return grad_x, grad_values, None, None, None, None
 
 
-def _gradients(ctx, x, values, rows, cols, flat, grad):
+def _gradients(ctx, x, values, crow, cols, flat, grad):
     """(x's gradient, the values' gradient), each None where not wanted."""
     grad_x = grad_values = None
     if ctx.needs_input_grad[0]:
-        delta = _csr(rows, cols, values.to(flat.dtype), ctx.shape)
+        delta = _csr(crow, cols, values.to(flat.dtype), ctx.shape)
         grad_x = ((delta if ctx.transposed else delta.t()) @ grad.t()).t().reshape(x.shape).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        pattern = _csr(rows, cols, torch.zeros_like(values, dtype=flat.dtype), ctx.shape)
+        pattern = _csr(crow, cols, torch.zeros_like(values, dtype=flat.dtype), ctx.shape)
         left, right = (flat, grad) if ctx.transposed else (grad, flat)
         grad_values = torch.sparse.sampled_addmm(pattern, left.t().contiguous(), right).values().to(values.dtype)
     return grad_x, grad_values
@@ -63,10 +64,10 @@ def _compute_dtype(values: torch.Tensor) -> torch.dtype:
     return torch.promote_types(values.dtype, torch.float32)
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Δ as a CSR matrix of `shape` (row pointers computed once per forward, in `SparseTerm.forward`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state", "invariant checks disabled"
-        crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=rows.dtype == torch.int32)
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
