@@ -13,7 +13,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
-from fish_peft.tuner.sparse_terms import embedding_term, sparse_term
+from fish_peft.tuner.sparse_terms import CsrPattern, csr_pattern, embedding_term, sparse_term
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -109,6 +109,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         self.fish_explore_indices = nn.ModuleDict()
         self.captured_gradients: Optional[dict[str, torch.Tensor]] = None
         self.gradient_traffic: Optional[Traffic] = None
+        self._csr_patterns: dict[tuple[str, bool], tuple[torch.Tensor, int, CsrPattern]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
@@ -287,39 +288,76 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         if self.disable_adapters or self.merged:
             return self.base_layer(*args, **kwargs)
         if len(args) == 1 and not kwargs and self._weight_diff_is_a_sparse_term():
-            return self._forward_with_sparse_term(args[0])
+            return self.forward_with_sparse_term(self.base_layer, args[0])
         effective = self.effective_parameters()
         if not effective:
             return self.base_layer(*args, **kwargs)
         return functional_call(self.base_layer, effective, args, kwargs)
 
     def _weight_diff_is_a_sparse_term(self) -> bool:
-        """Whether the weight's diff can run as a term of its own (`sparse_terms`): a Linear, Conv1D or Embedding
-        (without max_norm, which rewrites the weight), and no dense weight gradient wanted (an evolving diff's
-        update step) nor Top-KAST exploration entries on the weight."""
-        layer = self.base_layer
-        sparse_layer = isinstance(layer, (nn.Linear, Conv1D)) or (isinstance(layer, nn.Embedding) and layer.max_norm is None)
-        if not sparse_layer or self.captured_gradients is not None:
-            return False
-        return not any(
-            adapter in self.fish_explore_values and storage_key("weight") in self.fish_explore_values[adapter]
-            for adapter in self.active_adapters
-        )
+        """Whether the weight's diff runs as a term of its own (`sparse_terms`): a Linear, Conv1D or Embedding
+        (without max_norm, which rewrites the weight), outside an evolving diff's update step (which wants the
+        dense weight gradient)."""
+        return self.captured_gradients is None and _takes_a_sparse_term(self.base_layer)
 
-    def _forward_with_sparse_term(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x) with the other parameters' diffs (the bias) applied, plus each active adapter's weight term (x:
-        the input, or the ids of an Embedding)."""
+    def forward_with_sparse_term(self, module: nn.Module, x: torch.Tensor, tied: Optional[dict[str, str]] = None) -> torch.Tensor:
+        """module(x) with the other parameters' diffs (the bias) applied, plus the weight's terms (x: the input, or
+        the ids of an Embedding). `module` is this layer's, or one whose parameters are tied to them (`tied`: {its
+        attribute: this layer's parameter})."""
         others = self.effective_parameters(exclude=("weight",))
-        y = functional_call(self.base_layer, others, (x,)) if others else self.base_layer(x)
+        if tied is not None:
+            others = {mine: others[theirs] for mine, theirs in tied.items() if theirs in others}
+        y = functional_call(module, others, (x,)) if others else module(x)
+        return self._add_weight_terms(module, x, y)
+
+    def _add_weight_terms(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus every active adapter's term of the weight diff in `module` (this layer's module, or one that
+        shares its weight), summed in float32 and rounded to y's dtype once: in a bfloat16 model, an update far
+        below the weights' resolution still changes the output. Top-KAST exploration entries join as terms that
+        are zero in the forward pass and get their gradient in the backward."""
+        term = embedding_term if isinstance(module, nn.Embedding) else sparse_term
+        total = None
+        for values, indices, pattern in self._weight_entries():
+            if term is embedding_term:
+                added = embedding_term(module, x, values, indices)
+            else:
+                added = sparse_term(module, x, values, pattern)
+            total = added if total is None else total + added
+        return y if total is None else (y.to(total.dtype) + total).to(y.dtype)
+
+    def _weight_entries(self):
+        """(values, flat indices, CSR pattern) of the weight, for each active adapter's entries and exploration
+        entries (the latter as values - values.detach(): zero, with the values' gradient)."""
         for adapter_name in self.active_adapters:
-            if "weight" in self.adapted_parameters(adapter_name):
-                values, indices = self._trained(self.values(adapter_name, "weight")), self.indices(adapter_name, "weight")
-                term = embedding_term if isinstance(self.base_layer, nn.Embedding) else sparse_term
-                y = y + term(self.base_layer, x, values, indices).to(y.dtype)
-        return y
+            dicts = [(self.fish_values, self.fish_indices, False), (self.fish_explore_values, self.fish_explore_indices, True)]
+            for values_dict, indices_dict, exploring in dicts:
+                if adapter_name not in values_dict or "weight" not in values_dict[adapter_name]:
+                    continue
+                values = self._trained(values_dict[adapter_name]["weight"])
+                indices = indices_dict[adapter_name]["weight"]
+                pattern = self._csr_pattern((adapter_name, exploring), indices)
+                yield (values - values.detach() if exploring else values), indices, pattern
+
+    def _csr_pattern(self, key: tuple[str, bool], indices: torch.Tensor) -> CsrPattern:
+        """The weight's CSR pattern at `indices`, computed again only when the indices change (a new tensor, or
+        written in place): decoding a token does not pay for it."""
+        cached = self._csr_patterns.get(key)
+        if cached is None or cached[0] is not indices or cached[1] != indices._version:
+            cached = (indices, indices._version, csr_pattern(indices, tuple(self.base_parameter("weight").shape)))
+            self._csr_patterns[key] = cached
+        return cached[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._csr_patterns.clear()  # moved or cast indices are new tensors
+        return super()._apply(fn, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "fish." + super().__repr__()
+
+
+def _takes_a_sparse_term(module: nn.Module) -> bool:
+    """A Linear, Conv1D, or Embedding without max_norm (which rewrites the weight in the forward pass)."""
+    return isinstance(module, (nn.Linear, Conv1D)) or (isinstance(module, nn.Embedding) and module.max_norm is None)
 
 
 def _in_out_features(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
@@ -362,8 +400,20 @@ class FishTiedLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
             source.unmerge()
         if source.disable_adapters or source.merged:
             return self.base_layer(*args, **kwargs)
+        if len(args) == 1 and not kwargs and self._weight_is_tied_as_a_sparse_term():
+            return source.forward_with_sparse_term(self.base_layer, args[0], self.tied)
         effective = source.effective_parameters()
         overrides = {mine: effective[theirs] for mine, theirs in self.tied.items() if theirs in effective}
         if not overrides:
             return self.base_layer(*args, **kwargs)
         return functional_call(self.base_layer, overrides, args, kwargs)
+
+    def _weight_is_tied_as_a_sparse_term(self) -> bool:
+        """Whether this module's weight is the source's and both take the weight's diff as a sparse term."""
+        source = self._source
+        return (
+            self.tied.get("weight") == "weight"
+            and source._weight_diff_is_a_sparse_term()
+            and _takes_a_sparse_term(self.base_layer)
+            and self.base_layer.weight.shape == source.base_parameter("weight").shape
+        )

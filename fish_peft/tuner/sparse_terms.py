@@ -7,16 +7,29 @@ Terms are computed in float32 (or the values' wider dtype) and added to the base
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-def sparse_term(layer: nn.Module, x: torch.Tensor, values: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+class CsrPattern(NamedTuple):
+    """Where a weight's k entries sit, as CSR row pointers and column indices (sorted flat indices are CSR order)."""
+
+    crow: torch.Tensor
+    cols: torch.Tensor
+
+
+def csr_pattern(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> CsrPattern:
+    """The CSR pattern of sorted `flat_indices` into a weight of 2-D `shape`, in the indices' integer dtype."""
+    rows, cols = flat_indices // shape[1], flat_indices % shape[1]
+    crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=flat_indices.dtype == torch.int32)
+    return CsrPattern(crow, cols)
+
+
+def sparse_term(layer: nn.Module, x: torch.Tensor, values: torch.Tensor, pattern: CsrPattern) -> torch.Tensor:
     """The diff's term of `layer`'s output (Linear, or Conv1D whose weight is stored in × out) for input `x`."""
-    shape = tuple(layer.weight.shape)
-    flat = flat_indices.long()
-    return SparseTerm.apply(x, values, flat // shape[1], flat % shape[1], shape, isinstance(layer, Conv1D))
+    return SparseTerm.apply(x, values, pattern.crow, pattern.cols, tuple(layer.weight.shape), isinstance(layer, Conv1D))
 
 
 class SparseTerm(torch.autograd.Function):
@@ -26,9 +39,8 @@ class SparseTerm(torch.autograd.Function):
     and 2x faster backward than gathering x's columns and scattering them into y's rows."""
 
     @staticmethod
-    def forward(ctx, x, values, rows, cols, shape, transposed):
+    def forward(ctx, x, values, crow, cols, shape, transposed):
         flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
-        crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=rows.dtype == torch.int32)
         delta = _csr(crow, cols, values.to(flat.dtype), shape)
         with torch.autocast(x.device.type, enabled=False):  # in float32, not autocast's dtype
             term = ((delta.t() if transposed else delta) @ flat.t()).t()
@@ -65,7 +77,7 @@ def _compute_dtype(values: torch.Tensor) -> torch.dtype:
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Δ as a CSR matrix of `shape` (row pointers computed once per forward, in `SparseTerm.forward`)."""
+    """Δ as a CSR matrix of `shape`."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state", "invariant checks disabled"
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)

@@ -356,6 +356,39 @@ def test_several_adapters(family):
         assert_close(peft_model(**inputs).logits, out_a)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_several_active_adapters_add_their_diffs(family):
+    """Both adapters active at once: outputs and both adapters' gradients equal a dense model with W + Δa + Δb;
+    disabled, the base model; merged, the same outputs again."""
+    base = build(family)
+    original = copy.deepcopy(base)
+    # the head too gets a diff: PEFT activates one modules_to_save copy at a time
+    mask_a, mask_b = covering_mask(base, seed=0, modules_to_save=[]), covering_mask(base, seed=1, modules_to_save=[])
+    peft_model = get_peft_model(base, FishConfig(mask=mask_a))
+    peft_model.add_adapter("b", FishConfig(mask=mask_b))
+    randomize_values(peft_model, seed=3)
+    peft_model.base_model.set_adapter(["default", "b"])
+    reference = dense_reference(dense_reference(original, mask_a, peft_model, "default"), mask_b, peft_model, "b")
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    peft_model.eval(), reference.eval(), original.eval()
+    inputs = example_inputs(family)
+    out, expected = peft_model(**inputs), reference(**inputs)
+    assert_close(out.logits, expected.logits)
+    out.loss.backward()
+    expected.loss.backward()
+    for adapter, mask in (("default", mask_a), ("b", mask_b)):
+        for name, idx in mask.items():
+            assert_close(values_of(peft_model, name, adapter).grad, reference.get_parameter(name).grad.view(-1)[idx], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            assert_close(peft_model(**inputs).logits, original(**inputs).logits)
+        peft_model.merge_adapter(["default", "b"])
+        assert_close(peft_model(**inputs).logits, expected.logits)
+        peft_model.unmerge_adapter()
+        assert_close(peft_model(**inputs).logits, expected.logits)
+
+
 # --------------------------------------------------------------- 4. training touches only the masked entries
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fish_peft.tuner.sparse_terms import SparseTerm, sparse_term
+from fish_peft.tuner.sparse_terms import SparseTerm, csr_pattern, sparse_term
 
 
 def dense_reference(layer, x, indices, values):
@@ -23,7 +23,7 @@ def test_the_sparse_term_equals_a_dense_layer_with_w_plus_delta(layer):
     indices = torch.randperm(84)[:20].sort().values
     values = torch.randn(20, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
-    y = layer(x) + sparse_term(layer, x, values, indices)
+    y = layer(x) + sparse_term(layer, x, values, csr_pattern(indices, layer.weight.shape))
     reference_values = values.detach().clone().requires_grad_(True)
     reference_x = x.detach().clone().requires_grad_(True)
     reference = dense_reference(layer, reference_x, indices, reference_values)
@@ -57,7 +57,7 @@ def test_under_bfloat16_autocast_the_term_is_computed_in_float32():
     values = torch.full((20,), 1e-4, requires_grad=True)  # far below bfloat16's resolution of the weights
     x = torch.randn(4, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        term = sparse_term(layer, x.bfloat16(), values, indices)
+        term = sparse_term(layer, x.bfloat16(), values, csr_pattern(indices, layer.weight.shape))
     assert term.dtype == torch.float32
     torch.testing.assert_close(term, dense_reference(layer, x.bfloat16().float(), indices, values.detach()) - layer(x.bfloat16().float()), rtol=1e-4, atol=1e-7)
     term.sum().backward()
@@ -82,3 +82,105 @@ def test_the_embedding_term_equals_a_dense_table_with_w_plus_delta(padding_idx):
     y.backward(g)
     reference.backward(g)
     torch.testing.assert_close(values.grad, reference_values.grad)
+
+
+def _forbid_w_plus_delta_of_weights(monkeypatch):
+    """Fail on any index_add of a tensor larger than a bias: W + Δ formed for a weight."""
+    original = torch.Tensor.index_add
+
+    def index_add(self, *args, **kwargs):
+        assert self.numel() <= 64, "W + Δ formed for a weight"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_add", index_add)
+
+
+def test_a_tied_lm_head_takes_the_embedding_diff_as_a_sparse_term(monkeypatch):
+    from peft import get_peft_model
+
+    from fish_peft import FishConfig, FishMask
+    from tests.models import example_inputs, tiny_gpt2
+
+    model = tiny_gpt2()
+    shape = tuple(model.transformer.wte.weight.shape)
+    mask = FishMask({"transformer.wte.weight": torch.randperm(shape[0] * shape[1])[:300].sort().values}, {"transformer.wte.weight": shape})
+    peft_model = get_peft_model(model, FishConfig(mask=mask, init_weights=False))
+    calls, original = [], SparseTerm.forward
+    monkeypatch.setattr(SparseTerm, "forward", staticmethod(lambda *a: calls.append(a[-2]) or original(*a)))
+    _forbid_w_plus_delta_of_weights(monkeypatch)
+    peft_model(**example_inputs("gpt2")).loss.backward()
+    assert calls == [shape]  # lm_head's product; wte itself looks rows up
+    values = peft_model.base_model.model.transformer.wte.fish_values["default"]["weight"]
+    assert values.grad is not None and values.grad.abs().sum() > 0
+
+
+def test_topkast_exploration_entries_get_their_gradient_through_the_sparse_term(monkeypatch):
+    from peft import get_peft_model
+
+    from fish_peft import FishConfig, random_mask
+    from fish_peft.dynamic.topkast_diff import TopKASTDiff
+    from tests.models import example_inputs, tiny_bert
+
+    model = tiny_bert().eval()
+    mask = random_mask(model, 0.05, seed=0, eligible=r"(query|value)\.weight$")
+    peft_model = get_peft_model(model, FishConfig(mask=mask, mask_update="topkast", update_every=5))
+    engine = TopKASTDiff(peft_model, total_steps=10)
+    _forbid_w_plus_delta_of_weights(monkeypatch)
+    peft_model(**example_inputs("bert")).loss.backward()
+    assert all(engine.exploration_values(entry).grad.abs().sum() > 0 for entry in engine.entries)
+
+
+def test_an_update_far_below_bfloat16_resolution_changes_the_output():
+    """With a bfloat16 base, W + Δ rounded to bfloat16 would swallow an update of 1e-5 (weights of std 0.02 have a
+    resolution of about 1e-4); the sparse term and a single rounding of the sum keep it."""
+    from peft import get_peft_model
+
+    from fish_peft import FishConfig, random_mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256)).to(torch.bfloat16)
+    nn.init.normal_(model[0].weight, std=0.02)
+    peft_model = get_peft_model(model, FishConfig(mask=random_mask(model, 0.05, modules_to_save=[], eligible=r"weight$")))
+    values = next(p for n, p in peft_model.named_parameters() if "fish_values" in n)
+    assert values.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = peft_model(x)
+        values += 1e-5
+        after = peft_model(x)
+        weight, indices = model[0].base_layer.weight.reshape(-1), model[0].fish_indices["default"]["weight"].long()
+        rounded = weight.index_add(0, indices, values.to(weight.dtype))
+    assert after.dtype == torch.bfloat16
+    assert (after != before).sum() > 100
+    assert (rounded[indices] == weight[indices]).float().mean() > 0.7  # what the W + Δ path would have run
+
+
+def test_the_csr_pattern_is_computed_once_and_again_when_the_indices_change(monkeypatch):
+    from peft import get_peft_model
+
+    from fish_peft import FishConfig, random_mask
+    from fish_peft.tuner import layer as layer_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    peft_model = get_peft_model(model, FishConfig(mask=random_mask(model, 0.2, modules_to_save=[], eligible=r"weight$"), init_weights=False))
+    computed, original = [], layer_module.csr_pattern
+    monkeypatch.setattr(layer_module, "csr_pattern", lambda *a: computed.append(1) or original(*a))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        for _ in range(5):
+            peft_model(x)
+        assert len(computed) == 1
+        fish = model[0]
+        state = peft_model.state_dict()
+        other = torch.randperm(256)[: fish.fish_indices["default"]["weight"].numel()].sort().values
+        state = {k: (other.int() if k.endswith("fish_indices.default.weight") else v) for k, v in state.items()}
+        peft_model.load_state_dict(state)  # written in place
+        out = peft_model(x)
+    assert len(computed) == 2
+    weight = fish.base_layer.weight.detach().reshape(-1).index_add(0, other, fish.fish_values["default"]["weight"].detach())
+    torch.testing.assert_close(out, nn.functional.linear(x, weight.view(16, 16), fish.base_layer.bias))
+    peft_model.double()
+    with torch.no_grad():
+        peft_model(x.double())
+    assert len(computed) == 3
