@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
 from fish_peft.tuner.sparse_terms import CsrPattern, csr_pattern, embedding_term, sparse_term
+from fish_peft.tuner.transient_weight import transient_weight_linear, transient_weight_pays
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -301,24 +302,25 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         return self.captured_gradients is None and _takes_a_sparse_term(self.base_layer)
 
     def forward_with_sparse_term(self, module: nn.Module, x: torch.Tensor, tied: Optional[dict[str, str]] = None) -> torch.Tensor:
-        """module(x) with the other parameters' diffs (the bias) applied, plus the weight's terms (x: the input, or
+        """module(x) with the other parameters' diffs (the bias) applied, plus the weight's diffs (x: the input, or
         the ids of an Embedding). `module` is this layer's, or one whose parameters are tied to them (`tied`: {its
         attribute: this layer's parameter})."""
         others = self.effective_parameters(exclude=("weight",))
         if tied is not None:
             others = {mine: others[theirs] for mine, theirs in tied.items() if theirs in others}
+        entries = list(self._weight_entries())
+        if not isinstance(module, nn.Embedding) and transient_weight_pays(module, x, sum(v.numel() for v, _, _ in entries)):
+            return transient_weight_linear(module, x, others.get("bias", module.bias), entries)
         y = functional_call(module, others, (x,)) if others else module(x)
-        return self._add_weight_terms(module, x, y)
+        return self._add_weight_terms(module, x, y, entries)
 
-    def _add_weight_terms(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y plus every active adapter's term of the weight diff in `module` (this layer's module, or one that
-        shares its weight), summed in float32 and rounded to y's dtype once: in a bfloat16 model, an update far
-        below the weights' resolution still changes the output. Top-KAST exploration entries join as terms that
-        are zero in the forward pass and get their gradient in the backward."""
-        term = embedding_term if isinstance(module, nn.Embedding) else sparse_term
+    def _add_weight_terms(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, entries) -> torch.Tensor:
+        """y plus the term of each (values, indices, pattern) entry set of the weight diff in `module`, summed in
+        float32 and rounded to y's dtype once: in a bfloat16 model, an update far below the weights' resolution
+        still changes the output."""
         total = None
-        for values, indices, pattern in self._weight_entries():
-            if term is embedding_term:
+        for values, indices, pattern in entries:
+            if isinstance(module, nn.Embedding):
                 added = embedding_term(module, x, values, indices)
             else:
                 added = sparse_term(module, x, values, pattern)
@@ -326,8 +328,9 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         return y if total is None else (y.to(total.dtype) + total).to(y.dtype)
 
     def _weight_entries(self):
-        """(values, flat indices, CSR pattern) of the weight, for each active adapter's entries and exploration
-        entries (the latter as values - values.detach(): zero, with the values' gradient)."""
+        """(values, flat indices, CSR pattern) of the weight, for each active adapter's entries and Top-KAST
+        exploration entries (the latter as values - values.detach(): zero in the forward pass, with the values'
+        gradient in the backward)."""
         for adapter_name in self.active_adapters:
             dicts = [(self.fish_values, self.fish_indices, False), (self.fish_explore_values, self.fish_explore_indices, True)]
             for values_dict, indices_dict, exploring in dicts:

@@ -73,11 +73,11 @@ class SparseTerm(torch.autograd.Function):
                 delta = ctx.pattern.matrix(values.to(flat.dtype), transposed=not ctx.conv1d)
                 grad_x = (delta @ grad.t()).t().reshape(x.shape).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                grad_values = _sampled_gradient(ctx.pattern, flat, grad, ctx.conv1d).to(values.dtype)
+                grad_values = sampled_gradient(ctx.pattern, flat, grad, ctx.conv1d).to(values.dtype)
         return grad_x, grad_values, None, None
 
 
-def _sampled_gradient(pattern: CsrPattern, flat: torch.Tensor, grad: torch.Tensor, conv1d: bool) -> torch.Tensor:
+def sampled_gradient(pattern: CsrPattern, flat: torch.Tensor, grad: torch.Tensor, conv1d: bool) -> torch.Tensor:
     """The values' gradient: gᵀx (Linear) or xᵀg (Conv1D) at the k entries only."""
     zeros = _csr(pattern.crow, pattern.cols, flat.new_zeros(pattern.cols.numel()), pattern.shape)
     left, right = (flat, grad) if conv1d else (grad, flat)

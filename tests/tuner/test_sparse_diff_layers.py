@@ -46,6 +46,16 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["sparse_term", "transient_weight"])
+def weight_path(request, monkeypatch):
+    """Run a test on each way a Linear's/Conv1D's weight diff is computed: as its own sparse term, or in a
+    transient W + Δ (which the layers pick by the number of tokens)."""
+    from fish_peft.tuner import transient_weight
+
+    monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", float("inf") if request.param == "sparse_term" else 0.0)
+    return request.param
+
+
 def build(family: str):
     return MODEL_BUILDERS[family](**OVERRIDES.get(family, {}))
 
@@ -132,7 +142,7 @@ def module_types(model: nn.Module) -> dict[str, type]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_adapted_model_equals_dense_model_with_diff(family):
+def test_adapted_model_equals_dense_model_with_diff(family, weight_path):
     original, mask, peft_model, ref = make_adapted(family)
     head = HEAD.get(family)
     assert_mask_covers_all_kinds(original, mask, head)
@@ -357,7 +367,7 @@ def test_several_adapters(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_several_active_adapters_add_their_diffs(family):
+def test_several_active_adapters_add_their_diffs(family, weight_path):
     """Both adapters active at once: outputs and both adapters' gradients equal a dense model with W + Δa + Δb;
     disabled, the base model; merged, the same outputs again."""
     base = build(family)

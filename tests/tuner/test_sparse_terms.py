@@ -36,9 +36,13 @@ def test_the_sparse_term_equals_a_dense_layer_with_w_plus_delta(layer):
 
 
 def test_an_adapted_linear_never_forms_w_plus_delta_outside_an_update_step(monkeypatch):
+    """On the sparse-term path (few tokens; forced here): see test_transient_weight.py for the other."""
     from peft import get_peft_model
 
     from fish_peft import FishConfig, random_mask
+    from fish_peft.tuner import transient_weight
+
+    monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", float("inf"))
 
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     mask = random_mask(model, 0.1, modules_to_save=[], eligible=r"weight$")
@@ -84,8 +88,11 @@ def test_the_embedding_term_equals_a_dense_table_with_w_plus_delta(padding_idx):
     torch.testing.assert_close(values.grad, reference_values.grad)
 
 
-def _forbid_w_plus_delta_of_weights(monkeypatch):
-    """Fail on any index_add of a tensor larger than a bias: W + Δ formed for a weight."""
+def _sparse_term_path_only(monkeypatch):
+    """Force the sparse-term path, and fail on any index_add of a tensor larger than a bias: W + Δ formed."""
+    from fish_peft.tuner import transient_weight
+
+    monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", float("inf"))
     original = torch.Tensor.index_add
 
     def index_add(self, *args, **kwargs):
@@ -107,7 +114,7 @@ def test_a_tied_lm_head_takes_the_embedding_diff_as_a_sparse_term(monkeypatch):
     peft_model = get_peft_model(model, FishConfig(mask=mask, init_weights=False))
     calls, original = [], SparseTerm.forward
     monkeypatch.setattr(SparseTerm, "forward", staticmethod(lambda *a: calls.append(a[-2].shape) or original(*a)))
-    _forbid_w_plus_delta_of_weights(monkeypatch)
+    _sparse_term_path_only(monkeypatch)
     peft_model(**example_inputs("gpt2")).loss.backward()
     assert calls == [shape]  # lm_head's product; wte itself looks rows up
     values = peft_model.base_model.model.transformer.wte.fish_values["default"]["weight"]
@@ -125,7 +132,7 @@ def test_topkast_exploration_entries_get_their_gradient_through_the_sparse_term(
     mask = random_mask(model, 0.05, seed=0, eligible=r"(query|value)\.weight$")
     peft_model = get_peft_model(model, FishConfig(mask=mask, mask_update="topkast", update_every=5))
     engine = TopKASTDiff(peft_model, total_steps=10)
-    _forbid_w_plus_delta_of_weights(monkeypatch)
+    _sparse_term_path_only(monkeypatch)
     peft_model(**example_inputs("bert")).loss.backward()
     assert all(engine.exploration_values(entry).grad.abs().sum() > 0 for entry in engine.entries)
 

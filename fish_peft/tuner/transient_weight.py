@@ -1,0 +1,75 @@
+"""A Linear's (or Conv1D's) output with W + Δ formed for the product alone and again for the backward, never kept:
+one dense product instead of the base product plus a sparse one. On CPU that is the faster way once the tokens
+times the diff's entries reach about half the weight's size (a sparse product then reads a row of tokens per
+entry); below that, and for decoding, `sparse_terms` is faster. Only for float32/float64 weights outside autocast:
+a low-precision W + Δ would round the diff away."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fish_peft.tuner.sparse_terms import CsrPattern, sampled_gradient
+
+TRANSIENT_WEIGHT_MIN_FILL = 0.5
+"""Tokens × entries, as a share of the weight's size, from which the transient W + Δ pays (measured on CPU:
+Linear(1024) and Linear(2048) at 0.5 %, 16 to 2048 tokens)."""
+
+
+def transient_weight_pays(layer: nn.Module, x: torch.Tensor, entry_count: int) -> bool:
+    """Whether `transient_weight_linear` is the faster (and exact) way for this layer and input: never for a weight
+    that trains itself (the product gives W no gradient)."""
+    weight = layer.weight
+    if weight.requires_grad or weight.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+        return False
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return tokens * entry_count >= TRANSIENT_WEIGHT_MIN_FILL * weight.numel()
+
+
+def transient_weight_linear(
+    layer: nn.Module,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    entries: list[tuple[torch.Tensor, torch.Tensor, CsrPattern]],
+) -> torch.Tensor:
+    """`layer`'s output for `x` with its weight plus every (values, flat indices, pattern) entry set, and `bias`."""
+    places = tuple((indices, pattern) for _, indices, pattern in entries)
+    values = tuple(v for v, _, _ in entries)
+    return TransientWeightLinear.apply(x, bias, layer.weight, isinstance(layer, Conv1D), places, *values)
+
+
+class TransientWeightLinear(torch.autograd.Function):
+    """y = x·(W + ΣΔ)ᵀ + b (x·(W + ΣΔ) + b for Conv1D's in × out weight), W frozen. Saves x and the values, not
+    W + ΣΔ; the values' gradients are sampled products (SDDMM) at their entries: no dense weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, conv1d, places, *values):
+        effective = _effective_weight(weight, places, values)
+        ctx.save_for_backward(x, weight, *values)
+        ctx.conv1d, ctx.places = conv1d, places
+        return nn.functional.linear(x, effective.t() if conv1d else effective, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *values = ctx.saved_tensors
+        grad_x = grad_bias = None
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            effective = _effective_weight(weight, ctx.places, values)
+            grad_x = grad @ (effective.t() if ctx.conv1d else effective)
+        if ctx.needs_input_grad[1]:
+            grad_bias = flat_grad.sum(0)
+        flat_x = x.reshape(-1, x.shape[-1])
+        grad_values = [
+            sampled_gradient(pattern, flat_x, flat_grad, ctx.conv1d) if ctx.needs_input_grad[5 + i] else None
+            for i, (_, pattern) in enumerate(ctx.places)
+        ]
+        return grad_x, grad_bias, None, None, None, *grad_values
+
+
+def _effective_weight(weight: torch.Tensor, places, values) -> torch.Tensor:
+    flat = weight.reshape(-1).clone()
+    for (indices, _), v in zip(places, values):
+        flat.index_add_(0, indices, v.to(flat.dtype))
+    return flat.view_as(weight)
