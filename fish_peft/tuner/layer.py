@@ -321,7 +321,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         total = None
         for values, indices, pattern in entries:
             if isinstance(module, nn.Embedding):
-                added = embedding_term(module, x, values, indices)
+                added = embedding_term(module, x, values, pattern)
             else:
                 added = sparse_term(module, x, values, pattern)
             total = added if total is None else total + added

@@ -96,19 +96,20 @@ def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tu
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
-def embedding_term(layer: nn.Embedding, ids: torch.Tensor, values: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
-    """The diff's rows for the looked-up `ids` (shape ids.shape + (embedding_dim,)), built over the batch's
-    distinct ids only. As in `nn.Embedding`, the padding row gets no gradient."""
-    dim = layer.embedding_dim
-    flat = flat_indices.long()
-    rows, cols = flat // dim, flat % dim
-    if layer.padding_idx is not None:
-        values = torch.where(rows == layer.padding_idx % layer.num_embeddings, values.detach(), values)
+def embedding_term(layer: nn.Embedding, ids: torch.Tensor, values: torch.Tensor, pattern: CsrPattern) -> torch.Tensor:
+    """The diff's rows for the looked-up `ids` (shape ids.shape + (embedding_dim,)), gathered through the CSR row
+    pointers for the batch's distinct ids only: the work follows the entries of those rows, not all k. As in
+    `nn.Embedding`, the padding row gets no gradient."""
     looked_up, inverse = torch.unique(ids, return_inverse=True)
-    if not looked_up.numel():  # an empty batch
-        return torch.zeros(*ids.shape, dim, dtype=_compute_dtype(values), device=values.device)
-    position = torch.searchsorted(looked_up, rows).clamp(max=looked_up.numel() - 1)
-    hit = looked_up[position] == rows
-    table = torch.zeros(looked_up.numel(), dim, dtype=_compute_dtype(values), device=values.device)
-    table = table.index_put((position[hit], cols[hit]), values[hit].to(table.dtype))
+    starts = pattern.crow[looked_up].long()
+    counts = pattern.crow[looked_up + 1].long() - starts
+    owner = torch.repeat_interleave(torch.arange(looked_up.numel(), device=ids.device), counts)
+    first_of_owner = torch.cumsum(counts, 0) - counts
+    positions = starts[owner] + torch.arange(owner.numel(), device=ids.device) - first_of_owner[owner]
+    gathered = values[positions]
+    if layer.padding_idx is not None:
+        padding = looked_up[owner] == layer.padding_idx % layer.num_embeddings
+        gathered = torch.where(padding, gathered.detach(), gathered)
+    table = torch.zeros(looked_up.numel(), layer.embedding_dim, dtype=_compute_dtype(values), device=values.device)
+    table = table.index_put((owner, pattern.cols[positions].long()), gathered.to(table.dtype))
     return table[inverse]

@@ -77,7 +77,7 @@ def test_the_embedding_term_equals_a_dense_table_with_w_plus_delta(padding_idx):
     indices = torch.randperm(180)[:40].sort().values
     values = torch.randn(40, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[3, 0, 3, 29], [7, 7, 11, 0]])
-    y = layer(ids) + embedding_term(layer, ids, values, indices)
+    y = layer(ids) + embedding_term(layer, ids, values, csr_pattern(indices, layer.weight.shape))
     reference_values = values.detach().clone().requires_grad_(True)
     weight = layer.weight.detach().reshape(-1).index_add(0, indices, reference_values).view_as(layer.weight)
     reference = nn.functional.embedding(ids, weight, padding_idx=padding_idx)
