@@ -42,8 +42,20 @@ def csr_pattern(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> CsrPatter
 
 
 def sparse_term(layer: nn.Module, x: torch.Tensor, values: torch.Tensor, pattern: CsrPattern) -> torch.Tensor:
-    """The diff's term of `layer`'s output (Linear, or Conv1D whose weight is stored in × out) for input `x`."""
-    return SparseTerm.apply(x, values, pattern, isinstance(layer, Conv1D))
+    """The diff's term of `layer`'s output (Linear, or Conv1D whose weight is stored in × out) for input `x`;
+    without autograd's bookkeeping where nothing needs a gradient (decoding)."""
+    conv1d = isinstance(layer, Conv1D)
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+        return SparseTerm.apply(x, values, pattern, conv1d)
+    return _product(x, values, pattern, conv1d)
+
+
+def _product(x: torch.Tensor, values: torch.Tensor, pattern: CsrPattern, conv1d: bool) -> torch.Tensor:
+    """x·Δᵀ (x·Δ for Conv1D) in float32 (or the values' wider dtype), whatever autocast says."""
+    flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
+    with torch.autocast(x.device.type, enabled=False):
+        term = (pattern.matrix(values.to(flat.dtype), transposed=conv1d) @ flat.t()).t()
+    return term.reshape(*x.shape[:-1], term.shape[-1])
 
 
 class SparseTerm(torch.autograd.Function):
@@ -55,12 +67,9 @@ class SparseTerm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, pattern, conv1d):
-        flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
-        with torch.autocast(x.device.type, enabled=False):  # in float32, not autocast's dtype
-            term = (pattern.matrix(values.to(flat.dtype), transposed=conv1d) @ flat.t()).t()
         ctx.save_for_backward(x, values)
         ctx.pattern, ctx.conv1d = pattern, conv1d
-        return term.reshape(*x.shape[:-1], term.shape[-1])
+        return _product(x, values, pattern, conv1d)
 
     @staticmethod
     def backward(ctx, grad):
