@@ -21,7 +21,11 @@ _HOMES = {
         "FishMask", "bias_mask", "compute_fisher", "compute_fisher_mask", "magnitude_mask", "mask_from_scores",
         "random_mask",
     ),
-    "fish_peft.tuner": ("AdapterFileError", "FishConfig", "FishLayer", "FishModel", "ShardedParametersError", "allow_nonfinite"),
+    "fish_peft.tuner": (
+        "AdapterFileError", "FishConfig", "FishLayer", "FishModel", "ShardedParametersError", "allow_nonfinite",
+        "initialize_fish_mask",
+    ),
+    "fish_peft.tuner.mask_init_callback": ("FishMaskInitCallback",),
     "fish_peft.hub": ("HubError", "push_adapter"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}

@@ -22,6 +22,11 @@ def evolving_diff_engine(
     gets them added when bound), then call `step()` after each `optimizer.step()`, or pass it to
     `SparseTrainingCallback` in a Trainer. `total_steps` sets the prune-rate schedule (the callback fills it in)."""
     adapter, config = fish_adapter_config(model, adapter_name)
+    if config.awaits_mask:
+        raise SparseTrainingError(
+            f"Adapter '{adapter}' was made from FishConfig(keep_ratio=...) and has no mask yet; call "
+            "fish_peft.initialize_fish_mask(model, dataloader) before building its engine."
+        )
     if config.mask_update not in ENGINES:
         raise SparseTrainingError(
             f"Adapter '{adapter}' has mask_update={config.mask_update!r}; create it with mask_update='topkast' or "

@@ -12,6 +12,8 @@ from peft.config import PeftConfig
 
 from fish_peft.tuner.peft_type import FISH_PEFT_TYPE
 from fish_peft.masks.fish_mask import FishMask
+from fish_peft.masks.fisher import FISHER_TYPES
+from fish_peft.masks.selection import check_keep_ratio
 
 MASK_UPDATES = (None, "topkast", "sparse_momentum")
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,10 +28,22 @@ class FishConfig(PeftConfig):
     pre-allocate the adapter and refuse a base model of another shape. The indices themselves travel in
     `adapter_model.safetensors`.
 
+    Or pass `keep_ratio` instead, for tools that build the PEFT model from a config (TRL's `SFTTrainer`): the adapter
+    then awaits its mask, which `initialize_fish_mask(model, dataloader)` (or `FishMaskInitCallback` in a Trainer)
+    computes from the Fisher of the base weights among the `target_modules`, filling in the counts and shapes.
+
     Args:
         mask: the entries the adapter may change (needed to create an adapter, not to load one).
+        keep_ratio: instead of a mask, the share of all the model's parameters left trainable (the paper's budget:
+            k = int(N_total * keep_ratio) - N_head), chosen by the Fisher when the mask is initialized.
+        target_modules: which modules may hold entries, as in PEFT (names, suffixes or a regex; "all-linear": every
+            Linear/Conv1D but the output layer). `None`: every parameter of the model but the head.
+        exclude_modules: modules (names, suffixes or a regex) that hold no entries, with everything inside them.
+        num_samples: examples the Fisher of a `keep_ratio` config is computed on (all of them if the data holds
+            fewer).
+        fisher: "empirical" (the paper: gold labels) or "expected" (labels drawn from the model's prediction).
         modules_to_save: modules trained in full and saved with the adapter (the task head). Defaults to the head
-            the mask's budget was drawn for.
+            the mask's budget was drawn for (with `keep_ratio`: a module named `classifier` or `score`, if any).
         save_dtype: dtype of the values in `adapter_model.safetensors` ("float32", "float16" or "bfloat16"); `None`
             keeps the training dtype (float32). Training always happens on float32 values.
         mask_update: `None` keeps the mask fixed. "topkast" or "sparse_momentum" let the diff's support move while
@@ -68,14 +82,24 @@ class FishConfig(PeftConfig):
         default=True, metadata={"help": "True: Δ starts at zero; False: small random values (for tests)."}
     )
     mask_info: dict = field(default_factory=dict, metadata={"help": "How the mask was chosen (method, keep ratio)."})
-    # PEFT's injection code reads `target_modules`; FISH targets exactly the modules owning `sparse_parameters`.
-    target_modules: Optional[Union[list[str], str]] = field(default=None, repr=False)
+    keep_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Without a mask: the share of the model's parameters left trainable."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules that may hold entries (PEFT's matching; 'all-linear'); None: all."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules that hold no entries (PEFT's matching)."}
+    )
+    num_samples: int = field(default=1024, metadata={"help": "Examples the Fisher of a keep_ratio config is computed on."})
+    fisher: str = field(default="empirical", metadata={"help": "'empirical' (gold labels) or 'expected' Fisher."})
 
     def __post_init__(self, mask: Optional[FishMask]):
         super().__post_init__()
         self.peft_type = FISH_PEFT_TYPE
-        self.target_modules = None
         self.mask = mask
+        if mask is not None and self.keep_ratio is not None:
+            raise ValueError("FishConfig takes a mask or a keep_ratio (the mask computed later from data), not both.")
         if mask is not None:
             if not isinstance(mask, FishMask):
                 raise TypeError(
@@ -88,10 +112,17 @@ class FishConfig(PeftConfig):
             if self.modules_to_save is None and mask.modules_to_save:
                 self.modules_to_save = list(mask.modules_to_save)
         self._check_field_types()
-        if not self.sparse_parameters:
+        if self.keep_ratio is not None:
+            check_keep_ratio(self.keep_ratio)
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"FishConfig: num_samples must be a positive integer, got {self.num_samples!r}.")
+        if self.fisher not in FISHER_TYPES:
+            raise ValueError(f"FishConfig: fisher must be one of {FISHER_TYPES}, got {self.fisher!r}.")
+        if not self.sparse_parameters and self.keep_ratio is None:
             raise ValueError(
-                "FishConfig needs a mask: compute one with `compute_fisher_mask(model, dataloader, keep_ratio=...)` "
-                "(or `random_mask` / `magnitude_mask`) and pass `FishConfig(mask=mask)`."
+                "FishConfig needs a mask or a keep_ratio: compute a mask with `compute_fisher_mask(model, dataloader, "
+                "keep_ratio=...)` (or `random_mask` / `magnitude_mask`) and pass `FishConfig(mask=mask)`, or pass "
+                "`FishConfig(keep_ratio=0.005)` and initialize the mask from data later (`initialize_fish_mask`)."
             )
         for name, count in self.sparse_parameters.items():
             if not isinstance(count, int) or count < 1:
@@ -120,6 +151,17 @@ class FishConfig(PeftConfig):
             not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save)
         ):
             raise ValueError("FishConfig: modules_to_save must be a list of module names.")
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if not (value is None or isinstance(value, str) or (
+                isinstance(value, (list, set, tuple)) and all(isinstance(m, str) for m in value)
+            )):
+                raise ValueError(f"FishConfig: {key} must be None, a regex or a list of module names, got {value!r}.")
+
+    @property
+    def awaits_mask(self) -> bool:
+        """Whether this is a `keep_ratio` config whose mask has not been computed yet (`initialize_fish_mask`)."""
+        return not self.sparse_parameters
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

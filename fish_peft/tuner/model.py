@@ -18,13 +18,22 @@ from fish_peft.tuner.layer import FishLayer, FishTiedLayer, parameter_name
 from fish_peft.tuner.packing import PACKED_KEYS, VALUES_KEY, PackingError, pack, stored_counts
 from fish_peft.masks.selection import base_named_parameters, in_modules
 from fish_peft.tuner.adapter_files import AdapterFileError, check_head_shapes, unpack_adapter_state_dict
+from fish_peft.tuner.target_modules import (
+    check_budget,
+    check_mask_in_targets,
+    default_modules_to_save,
+    eligible_parameters,
+    excluded_module,
+)
 
 
 class FishModel(BaseTuner):
     """Adds FISH sparse diffs to a model: every module that owns a masked parameter is wrapped in a `FishLayer`.
 
     Created by `get_peft_model(model, FishConfig(mask=...))` or `PeftModel.from_pretrained(model, path)` after
-    `import fish_peft`; merging, unloading, disabling and several adapters behave as for LoRA.
+    `import fish_peft`; merging, unloading, disabling and several adapters behave as for LoRA. A
+    `FishConfig(keep_ratio=...)` adapter awaits its mask: every module that may hold entries is wrapped with none, and
+    `initialize_fish_mask` fills them in; until then training or saving it raises.
     """
 
     prefix: str = "fish_"
@@ -39,14 +48,21 @@ class FishModel(BaseTuner):
         """PEFT's injection, with FISH's checks first and tied modules wrapped after, for the first adapter
         (`get_peft_model`, `from_pretrained`) and for every later one (`add_adapter`, `load_adapter`) alike."""
         config = self.peft_config[adapter_name]
-        check_model_matches_config(model, config)
+        if config.awaits_mask:  # a keep_ratio config: every module that may hold entries, wrapped with none yet
+            default_modules_to_save(model, config)
+            eligible = eligible_parameters(model, config)
+            check_budget(model, config, eligible)
+        else:
+            check_model_matches_config(model, config)
+            check_mask_in_targets(model, config)
+            eligible = config.sparse_parameters
         if getattr(config, "_head_shapes", None) is not None:
             check_head_shapes(config._head_shapes, model, config)
         if not any(isinstance(m, FishLayer) for m in model.modules()):  # so a failed load hands the model back as it came
             self.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        if config.mask is None:  # injected to be loaded: placeholders until the file's entries arrive
+        if config.mask is None and not config.awaits_mask:  # injected to be loaded: placeholders until the file's entries arrive
             self.__dict__.setdefault("awaiting_weights", set()).add(adapter_name)
-        self._injection_plan = adapted_modules(model, config.sparse_parameters)
+        self._injection_plan = adapted_modules(model, eligible)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         finally:
@@ -55,9 +71,11 @@ class FishModel(BaseTuner):
         layer = next(m for m in model.modules() if isinstance(m, FishLayer))
         self.__dict__["_fsdp_probe"] = weakref.ref(next(layer.get_base_layer().parameters()))
 
-    def _check_target_module_exists(self, peft_config: FishConfig, key: str) -> bool:
+    def _check_target_module_exists(self, peft_config: FishConfig, key: str):
+        """Whether `key` is wrapped (the injection plan decides), or PEFT's mark of a module `exclude_modules` excludes
+        (PEFT reports on exclusions that matched nothing)."""
         plan = self._injection_plan or adapted_modules(self.model, peft_config.sparse_parameters)
-        return key in plan
+        return key in plan or excluded_module(peft_config, key)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         plan = self._injection_plan or adapted_modules(self.model, peft_config.sparse_parameters)
@@ -95,7 +113,16 @@ class FishModel(BaseTuner):
 
     def _before_forward(self, *_) -> None:
         self._refuse_fsdp()
+        self._refuse_training_without_mask()
         self._check_masks_agree_under_ddp()
+
+    def _refuse_training_without_mask(self) -> None:
+        """A training forward pass (training mode, gradients on) of a keep_ratio adapter before its mask exists would
+        silently train nothing; the base model's inference is fine."""
+        if self.model.training and torch.is_grad_enabled():
+            waiting = [name for name in self.active_adapters if self.peft_config[name].awaits_mask]
+            if waiting:
+                raise RuntimeError(mask_missing_message(waiting[0], "train"))
 
     def _refuse_fsdp(self) -> None:
         """FSDP (with `use_orig_params=True`; without it FSDP refuses the frozen base itself) hands modules its own
@@ -143,6 +170,8 @@ class FishModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """The head as PEFT saves it, plus the sparse diff packed into three tensors (see `packing.py`)."""
+        if config.awaits_mask:
+            raise RuntimeError(mask_missing_message(adapter_name, "save"))
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         entries, rest = {}, {}
         for key, tensor in selected.items():
@@ -169,6 +198,8 @@ class FishModel(BaseTuner):
         an adapter the model already holds (Trainer's `resume_from_checkpoint`) must hold its mask, except that an
         evolving adapter takes the file's counts (its support moved while it trained). A failed load takes a
         just-injected adapter out again and leaves an existing one as it was."""
+        if config.awaits_mask:
+            raise RuntimeError(mask_missing_message(adapter_name, "load a saved adapter into"))
         packed = {k: state_dict[k] for k in PACKED_KEYS if k in state_dict}
         rest = {k: v for k, v in state_dict.items() if k not in PACKED_KEYS}
         rest = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
@@ -191,6 +222,18 @@ class FishModel(BaseTuner):
 
 class ShardedParametersError(RuntimeError):
     """FISH adapters on parameters that FSDP shards."""
+
+
+def mask_missing_message(adapter_name: str, action: str) -> str:
+    """What to do when a keep_ratio adapter is used before `initialize_fish_mask`."""
+    advice = (
+        "To resume from a checkpoint, load it with PeftModel.from_pretrained(base_model, checkpoint, "
+        "is_trainable=True) and give that model to the Trainer instead of a peft_config."
+        if action.startswith("load")
+        else "Compute it first: fish_peft.initialize_fish_mask(model, dataloader) on the training data, or pass "
+        "callbacks=[fish_peft.FishMaskInitCallback()] to the Trainer, which does it when training begins."
+    )
+    return f"Cannot {action} FISH adapter '{adapter_name}': it was made from FishConfig(keep_ratio=...) and has no mask yet. {advice}"
 
 
 def _counts_to_load(packed: dict[str, torch.Tensor], config: FishConfig, adapter_name: str, loaded_before: bool) -> dict[str, int]:
@@ -253,12 +296,15 @@ def check_model_matches_config(model: nn.Module, config: FishConfig) -> None:
 
 
 def _module_indices(config: FishConfig, module_name: str, param_names: list[str]) -> dict[str, torch.Tensor]:
-    """The indices of each parameter `module_name` adapts (names relative to it): from the mask, or placeholders
-    that the adapter file's entries replace (validated there)."""
+    """The indices of each parameter `module_name` adapts (names relative to it): from the mask, placeholders that
+    the adapter file's entries replace (validated there), or none for an adapter awaiting its mask."""
     indices = {}
     for attr in param_names:
         name = f"{module_name}.{attr}"
-        indices[attr] = config.mask[name] if config.mask is not None else torch.arange(config.sparse_parameters[name])
+        if config.mask is not None:
+            indices[attr] = config.mask[name]
+        else:  # loaded next, or (a keep_ratio config) none until the mask is initialized
+            indices[attr] = torch.arange(config.sparse_parameters.get(name, 0))
     return indices
 
 

@@ -321,3 +321,22 @@ def test_an_evolving_adapter_takes_the_counts_of_the_file_it_loads(tmp_path):
     assert {name: p for name, p in fresh.named_parameters() if p.requires_grad} == before  # same objects, resized
     inputs = example_inputs("bert", seed=11)
     assert torch.equal(fresh.eval()(**inputs).logits, trained.eval()(**inputs).logits)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_keep_ratio_adapter_evolves_from_its_initialized_mask(rule, tmp_path):
+    from fish_peft import initialize_fish_mask
+
+    model = get_peft_model(tiny_bert().eval(), FishConfig(keep_ratio=0.02, num_samples=8, mask_update=rule, update_every=2))
+    with pytest.raises(SparseTrainingError, match="no mask yet; call fish_peft.initialize_fish_mask"):
+        evolving_diff_engine(model)
+    mask = initialize_fish_mask(model, [example_inputs("bert", batch=4, seed=s) for s in range(2)])
+    engine = evolving_diff_engine(model, total_steps=6)
+    engine.bind(torch.optim.AdamW(trainable(model), lr=1e-2))
+    assert engine.updates == 0 and sum(train(model, engine, engine.optimizer, steps=4)) == 2
+    counts = model.peft_config["default"].sparse_parameters
+    assert sum(counts.values()) == mask.num_selected and any(not torch.equal(e.indices.long(), mask[e.name]) for e in engine.entries)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert().eval(), tmp_path)
+    inputs = example_inputs("bert", seed=11)
+    assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits)
