@@ -14,7 +14,8 @@ from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
 from fish_peft.tuner.sparse_terms import CsrPattern, csr_pattern, embedding_term, sparse_term
-from fish_peft.tuner.transient_weight import transient_weight_linear, transient_weight_pays
+from fish_peft.tuner.diff_in_place import diff_in_place
+from fish_peft.tuner.transient_weight import dense_product_pays, transient_weight_linear
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -309,10 +310,14 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         if tied is not None:
             others = {mine: others[theirs] for mine, theirs in tied.items() if theirs in others}
         entries = list(self._weight_entries())
-        if not isinstance(module, nn.Embedding) and transient_weight_pays(module, x, sum(v.numel() for v, _, _ in entries)):
+        call = (lambda: functional_call(module, others, (x,))) if others else (lambda: module(x))
+        dense = not isinstance(module, nn.Embedding) and dense_product_pays(module, x, sum(v.numel() for v, _, _ in entries))
+        if dense and not torch.is_grad_enabled():
+            with diff_in_place(module.weight, [(values, indices) for values, indices, _ in entries]):
+                return call()
+        if dense:
             return transient_weight_linear(module, x, others.get("bias", module.bias), entries)
-        y = functional_call(module, others, (x,)) if others else module(x)
-        return self._add_weight_terms(module, x, y, entries)
+        return self._add_weight_terms(module, x, call(), entries)
 
     def _add_weight_terms(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, entries) -> torch.Tensor:
         """y plus the term of each (values, indices, pattern) entry set of the weight diff in `module`, summed in

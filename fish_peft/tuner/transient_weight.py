@@ -17,9 +17,10 @@ TRANSIENT_WEIGHT_MIN_FILL = 0.5
 Linear(1024) and Linear(2048) at 0.5 %, 16 to 2048 tokens)."""
 
 
-def transient_weight_pays(layer: nn.Module, x: torch.Tensor, entry_count: int) -> bool:
-    """Whether `transient_weight_linear` is the faster (and exact) way for this layer and input: never for a weight
-    that trains itself (the product gives W no gradient)."""
+def dense_product_pays(layer: nn.Module, x: torch.Tensor, entry_count: int) -> bool:
+    """Whether one product with W + Δ (`transient_weight_linear`, or `diff_in_place` without gradients) is the
+    faster and exact way for this layer and input: many tokens, a float32/float64 weight outside autocast, and never
+    a weight that trains itself (the product gives W no gradient)."""
     weight = layer.weight
     if weight.requires_grad or weight.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
         return False

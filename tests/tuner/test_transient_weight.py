@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fish_peft.tuner.sparse_terms import csr_pattern
-from fish_peft.tuner.transient_weight import transient_weight_linear, transient_weight_pays
+from fish_peft.tuner.transient_weight import transient_weight_linear, dense_product_pays
 
 
 def entry_set(numel, count, shape, generator):
@@ -69,11 +69,11 @@ def test_nothing_weight_sized_is_kept_for_the_backward():
 
 def test_taken_only_where_it_is_exact_and_pays():
     layer = nn.Linear(100, 100).requires_grad_(False)  # 10,000 weights; 50 entries: from 100 tokens on, tokens × entries ≥ half the weight
-    assert transient_weight_pays(layer, torch.randn(4, 25, 100), 50)
-    assert not transient_weight_pays(layer, torch.randn(1, 1, 100), 50)  # decoding a token
+    assert dense_product_pays(layer, torch.randn(4, 25, 100), 50)
+    assert not dense_product_pays(layer, torch.randn(1, 1, 100), 50)  # decoding a token
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not transient_weight_pays(layer, torch.randn(4, 25, 100), 50)  # W + Δ would be cast to bfloat16
-    assert not transient_weight_pays(layer.to(torch.bfloat16), torch.randn(4, 25, 100, dtype=torch.bfloat16), 50)
+        assert not dense_product_pays(layer, torch.randn(4, 25, 100), 50)  # W + Δ would be cast to bfloat16
+    assert not dense_product_pays(layer.to(torch.bfloat16), torch.randn(4, 25, 100, dtype=torch.bfloat16), 50)
     layer = nn.Linear(100, 100)
-    assert not transient_weight_pays(layer, torch.randn(4, 25, 100), 50)  # W trains too: it needs its gradient
-    assert transient_weight_pays(layer.requires_grad_(False), torch.randn(4, 25, 100), 50)
+    assert not dense_product_pays(layer, torch.randn(4, 25, 100), 50)  # W trains too: it needs its gradient
+    assert dense_product_pays(layer.requires_grad_(False), torch.randn(4, 25, 100), 50)
