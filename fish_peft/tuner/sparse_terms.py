@@ -7,11 +7,13 @@ Terms are computed in float32 (or the values' wider dtype) and added to the base
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
 
 class CsrPattern(NamedTuple):
     """Where a weight's k entries sit, as a CSR matrix of the weight's `shape` (sorted flat indices are CSR order)
@@ -53,7 +55,8 @@ def sparse_term(layer: nn.Module, x: torch.Tensor, values: torch.Tensor, pattern
 def _product(x: torch.Tensor, values: torch.Tensor, pattern: CsrPattern, conv1d: bool) -> torch.Tensor:
     """x·Δᵀ (x·Δ for Conv1D) in float32 (or the values' wider dtype), whatever autocast says."""
     flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
-    with torch.autocast(x.device.type, enabled=False):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
         term = (pattern.matrix(values.to(flat.dtype), transposed=conv1d) @ flat.t()).t()
     return term.reshape(*x.shape[:-1], term.shape[-1])
 
@@ -99,9 +102,9 @@ def _compute_dtype(values: torch.Tensor) -> torch.dtype:
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Δ as a CSR matrix of `shape`."""
+    """Δ as a CSR matrix of `shape` (its invariants hold by construction: not checked on every forward)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state", "invariant checks disabled"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
