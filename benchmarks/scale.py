@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, logging
 
 from fish_peft import compute_fisher, compute_fisher_mask, mask_from_scores
+from peak_memory import PeakMemory
 
 SIZES = {  # name: (hidden, layers, attention heads, intermediate); 4 key/value heads, vocabulary 32000
     "0.25B": (1024, 16, 16, 2816),
@@ -45,37 +46,6 @@ def batches(args) -> list[dict]:
     ids = torch.randint(0, 32000, (args.num_samples, args.seq_len), generator=g).to(args.device)
     return [{"input_ids": ids[i : i + args.batch_size], "labels": ids[i : i + args.batch_size]}
             for i in range(0, args.num_samples, args.batch_size)]
-
-
-class PeakMemory:
-    """Peak memory beyond what is held when the measurement starts."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM, the peak resident set, to the current one
-            self.start = _status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.peak = _status_bytes("VmHWM") - self.start
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
 
 
 def plain_pass(model, data) -> None:
@@ -105,7 +75,7 @@ def measure(args) -> dict:
                 mask_from_scores(model, held, args.keep_ratio)
             else:
                 held = phases[phase]()
-        result[phase] = {"seconds": time.perf_counter() - start, "peak_bytes": memory.peak}
+        result[phase] = {"seconds": time.perf_counter() - start, "peak_bytes": memory.bytes}
     return result
 
 

@@ -50,6 +50,7 @@ from transformers import (
 
 from fish_peft import FishConfig, FishLayer, random_mask
 from fish_peft.cli.demo_data import minilm_path, split_rotten_tomatoes
+from peak_memory import PeakMemory
 
 METHODS = ("fish", "fish_w_plus_delta", "lora_qv", "lora_same_params", "full")
 LORA_TARGETS = {  # section: (lora_qv's targets, lora_same_params's targets)
@@ -243,35 +244,6 @@ def interleaved(runs: dict[str, Callable[[], object]], s: Settings) -> dict[str,
         for name, run in runs.items():
             times[name].append(seconds(run, s.device))
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-class PeakMemory:
-    """Peak memory beyond what is held on entering: CPU, the resident set; CUDA, torch's allocated memory."""
-
-    def __init__(self, device: str):
-        self.cuda = torch.device(device).type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set, to the current one
-            self.start = status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.bytes = status_bytes("VmHWM") - self.start
-
-
-def status_bytes(field: str) -> int:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
 
 
 def measure_training(section: str, method: str, s: Settings, same_params_rank: Optional[int]) -> dict:
