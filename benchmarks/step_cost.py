@@ -37,7 +37,6 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Callable, Optional
 from unittest import mock
 
