@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from fish_peft.cli.recipe import METHODS, Recipe, SparseRecipe, load_recipe, parse_overrides
 from fish_peft.cli.recipe_keys import describe_keys
+from fish_peft.cli.sft_recipe import SFTRecipe
 
 # Only the standard library and fish_peft.cli.recipe load before the arguments are parsed: `--help` needs no torch.
 
@@ -29,7 +30,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         status = args.handler(args, parse_overrides(rest))
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as err:
         print(f"fish-peft {args.command}: error: {err}", file=sys.stderr)
         return 2
     except HubError as err:
@@ -39,20 +40,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     return status
 
 
-def keys_help(recipe_cls: type = Recipe) -> str:
-    """The epilog of a command that reads a recipe: how to override a key, then every key with its default."""
+def keys_help(recipe_cls: type = Recipe, sft: bool = False) -> str:
+    """The epilog of a command that reads a recipe: how to override a key, then every key with its default (and,
+    with `sft`, the keys of SFT recipes)."""
     example = "--learning-rate 1e-3 --method lora --text-columns sentence1,sentence2 --lr-by-method fish=2e-3,full=5e-5"
     if recipe_cls is SparseRecipe:
         example = "--density 0.1 --method topkast"
     how = f"Any recipe key can be overridden as --key value (dashes or underscores; none empties an optional key), e.g. {example}."
-    return f"{textwrap.fill(how, 100, break_on_hyphens=False)}\n\nrecipe keys:\n{describe_keys(recipe_cls)}"
+    text = f"{textwrap.fill(how, 100, break_on_hyphens=False)}\n\nrecipe keys:\n{describe_keys(recipe_cls)}"
+    if sft:
+        what = ("A recipe with task: sft fine-tunes a causal LM with TRL's SFTTrainer (pip install fish-peft[trl]); its "
+                "keys are these, and its TrainingArguments fields are those of TRL's SFTConfig (max_length, packing, ...).")
+        text += f"\n\n{textwrap.fill(what, 100, break_on_hyphens=False)}\n\nSFT recipe keys:\n{describe_keys(SFTRecipe)}"
+    return text
 
 
-def _command(commands, name: str, handler: Callable, help: str, recipe_cls: Optional[type] = Recipe):
+def _command(commands, name: str, handler: Callable, help: str, recipe_cls: Optional[type] = Recipe, sft: bool = False):
     """A subcommand whose description is its handler's docstring and whose epilog lists `recipe_cls`'s keys."""
     command = commands.add_parser(
         name, help=help, description=inspect.cleandoc(handler.__doc__),
-        epilog=keys_help(recipe_cls) if recipe_cls else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=keys_help(recipe_cls, sft) if recipe_cls else None, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     command.set_defaults(handler=handler)
     return command
@@ -62,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fish-peft", description="Sparse fine-tuning with FISH masks on top of PEFT.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = _command(commands, "train", train_command, "fine-tune one method as a recipe says")
-    train.add_argument("recipe", help="YAML recipe, e.g. recipes/glue/sst2.yaml")
+    train = _command(commands, "train", train_command, "fine-tune one method as a recipe says", sft=True)
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/glue/sst2.yaml or recipes/sft/tiny_offline.yaml")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder (its own files; yours stay)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
 
@@ -74,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _command(commands, "eval", eval_command, "evaluate a saved run")
     evaluate.add_argument("run_dir", help="output folder of `fish-peft train`")
 
-    compare = _command(commands, "compare", compare_command, "run several methods and tabulate them")
+    compare = _command(commands, "compare", compare_command, "run several methods and tabulate them", sft=True)
     compare.add_argument("recipe")
     compare.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: the recipe's `methods`)")
     compare.add_argument("--overwrite", action="store_true")
@@ -102,13 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_command(args, overrides) -> int:
     """Fine-tune with one method (fish, random, full, lora, bitfit) and write the adapter, results.json, the mask
-    plot and a model card into the recipe's output_dir. Checkpoints (every epoch, and every save_steps steps) let
+    plot and a model card into the recipe's output_dir. A recipe with task: sft fine-tunes a causal LM on chat or
+    prompt/completion data with TRL's SFTTrainer (fish, random, lora, full), and results.json also holds the
+    validation loss, perplexity and a few generations. Checkpoints (every epoch, and every save_steps steps) let
     --resume continue a run that died, ending with the same adapter."""
-    from fish_peft.cli.training import run
-
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: choose one.")
-    results = run(load_recipe(args.recipe, overrides), overwrite=args.overwrite, resume=args.resume)
+    recipe = load_recipe(args.recipe, overrides)
+    if isinstance(recipe, SFTRecipe):
+        from fish_peft.cli.sft_training import run_sft as run
+    else:
+        from fish_peft.cli.training import run
+    results = run(recipe, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps({"metrics": results["metrics"], "trainable_parameters": results["trainable_parameters"]}, indent=2))
     return 0
 
@@ -125,6 +137,12 @@ def mask_command(args, overrides) -> int:
     from fish_peft.cli.training import build_mask_only
 
     recipe = load_recipe(args.recipe, overrides)
+    if isinstance(recipe, SFTRecipe):
+        raise ValueError(
+            f"{args.recipe} is an SFT recipe, whose FISH mask is computed when its training starts, from the Fisher of "
+            "its training loss: `fish-peft train` saves it in the adapter and results.json. `fish-peft mask` takes "
+            "classification recipes."
+        )
     if "output_dir" not in overrides:
         recipe = dataclasses.replace(recipe, output_dir=f"{recipe.output_dir}-mask")
     out = Path(recipe.output_dir)

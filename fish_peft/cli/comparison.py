@@ -9,15 +9,20 @@ from fish_peft.distributed.processes import rank_and_world
 from fish_peft.cli.output_folders import COMPARISON, check_output_folder
 from fish_peft.cli.recipe import Recipe
 from fish_peft.cli.run_output import write_json
+from fish_peft.cli.sft_recipe import SFTRecipe
 from fish_peft.cli.training import check_output_dir, run
 
 
-def compare(recipe: Recipe, overwrite: bool = False) -> str:
-    """Run every method of `recipe.methods`; write comparison.json and comparison.md; return the markdown table.
-    In several processes (`accelerate launch`) every process trains and the first writes and returns the
-    comparison (the others return "")."""
+def compare(recipe: Recipe | SFTRecipe, overwrite: bool = False) -> str:
+    """Run every method of `recipe.methods` (an SFT recipe's with `run_sft`); write comparison.json and
+    comparison.md; return the markdown table. In several processes (`accelerate launch`) every process trains and
+    the first writes and returns the comparison (the others return "")."""
     check_comparison_folder(recipe, overwrite)
-    runs = [run(recipe.for_method(method), overwrite=overwrite) for method in recipe.methods]
+    if isinstance(recipe, SFTRecipe):
+        from fish_peft.cli.sft_training import run_sft as run_one
+    else:
+        run_one = run
+    runs = [run_one(recipe.for_method(method), overwrite=overwrite) for method in recipe.methods]
     if rank_and_world()[0] != 0:
         return ""
     rows = [summary_row(results) for results in runs]
@@ -45,13 +50,15 @@ def check_comparison_folder(recipe: Recipe, overwrite: bool) -> None:
 
 
 def summary_row(results: dict) -> dict:
-    """One method's line: its best metrics on the first validation split, size and cost."""
+    """One method's line: its best metrics on the first validation split (an SFT run's loss among them), size and
+    cost."""
     first_split = next(iter(results["metrics"]))
+    left_out = ("epoch",) if results.get("task") == "sft" else ("loss", "epoch")
     return {
         "method": results["method"],
         "lr": results["recipe"]["learning_rate"],
         "batch_size": results["recipe"]["per_device_train_batch_size"],
-        "metrics": {k: v for k, v in results["metrics"][first_split].items() if k not in ("loss", "epoch")},
+        "metrics": {k: v for k, v in results["metrics"][first_split].items() if k not in left_out},
         "trainable_parameters": results["trainable_parameters"],
         "trainable_percent": 100 * results["trainable_parameters"] / results["total_parameters"],
         "adapter_bytes": results["adapter_bytes"],

@@ -44,9 +44,13 @@ RUN = FolderKind(
         "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",  # an adapter
         "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",  # a full model
         "model.safetensors.index.json",
+        # a tokenizer (SFT runs save theirs with the adapter)
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+        "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt",
         "results.json", "recipe.yaml", "mask.png", "README.md",
         # what training keeps for --resume (Trainer's checkpoints, diff averaging's, temporaries of both)
         f"{CHECKPOINTS}/{RUN_RECIPE}", f"{CHECKPOINTS}/{RUN_MASK}", f"{CHECKPOINTS}/checkpoint-*",
+        f"{CHECKPOINTS}/README.md",  # the card TRL's SFTTrainer writes beside its checkpoints
         f"{CHECKPOINTS}/tmp-checkpoint-*", f"{CHECKPOINTS}/merge-*", f"{CHECKPOINTS}/.merge-*.saving",
         f"{CHECKPOINTS}/.{RUN_RECIPE}.tmp-*", f"{CHECKPOINTS}/.{RUN_MASK}.tmp-*",
     ),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from fish_peft.cli.recipe_keys import check_at_least, check_choices, convert_value, key, show
+from fish_peft.cli.recipe_keys import check_at_least, check_choices, convert_value, key
 
 METHODS = ("fish", "random", "full", "lora", "bitfit")
 SPARSE_TRAINING_METHODS = ("dense", "static", "sparse_momentum", "topkast")
@@ -40,13 +40,53 @@ class Seeded:
     seed: int = key(0, "seed of the data order, the initialisation and random masks")
 
 
+class TrainedByMethod:
+    """What recipes trained through a Trainer share: each method's own settings from the *_by_method tables, one
+    sub-folder per method of a comparison, and the file form (own keys, then the training fields at the top level)."""
+
+    @property
+    def learning_rate(self) -> float:
+        return self.training["learning_rate"]
+
+    @property
+    def batch_size(self) -> int:
+        """Training batch size per process."""
+        return self.training["per_device_train_batch_size"]
+
+    @property
+    def save_steps(self) -> Optional[int]:
+        """Optimizer steps between extra checkpoints (None: only at each epoch's end)."""
+        return self.training.get("save_steps")
+
+    def with_method_settings(self):
+        """This recipe with `method`'s own learning rate and batch size (from the *_by_method tables) in effect."""
+        own = {"learning_rate": self.lr_by_method.get(self.method), "per_device_train_batch_size": self.batch_size_by_method.get(self.method)}
+        return dataclasses.replace(self, training={**self.training, **{k: v for k, v in own.items() if v is not None}})
+
+    def for_method(self, method: str):
+        """This recipe for one method of a comparison, in its own sub-folder, with that method's own settings."""
+        return dataclasses.replace(self, method=method, output_dir=str(Path(self.output_dir) / method)).with_method_settings()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as its file writes it: fish-peft's keys, then the training arguments' fields at the top level."""
+        keys = dataclasses.asdict(self)
+        training = keys.pop("training")
+        return {**keys, **training}
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
 @dataclass
-class Recipe(Seeded):
+class Recipe(Seeded, TrainedByMethod):
     """Everything a fine-tuning run needs (`fish-peft train`, `mask`, `eval`, `compare`). Defaults are the FISH
     paper's GLUE setup."""
 
     task: str = key("sst2", "a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), rotten_tomatoes (the "
-                    "shipped demo data) or custom (your train_file and validation_file)")
+                    "shipped demo data), custom (your train_file and validation_file), or sft: a causal LM's supervised "
+                    "fine-tuning, whose keys `fish-peft train --help` lists")
     model: str = key("bert-large-cased-whole-word-masking", "Hub id or local folder of the pretrained model")
     method: str = key("fish", "what trains: a FISH mask, a random mask of the same size, every weight, LoRA, or "
                       "the biases (BitFit)", METHODS)
@@ -123,40 +163,6 @@ class Recipe(Seeded):
         elif self.method != "fish" or self.mask_update is not None:
             raise ValueError("Recipe: merged training (merge_every) trains a fixed FISH mask: method fish, no mask_update.")
 
-    @property
-    def learning_rate(self) -> float:
-        return self.training["learning_rate"]
-
-    @property
-    def batch_size(self) -> int:
-        """Training batch size per process."""
-        return self.training["per_device_train_batch_size"]
-
-    @property
-    def save_steps(self) -> Optional[int]:
-        """Optimizer steps between extra checkpoints (None: only at each epoch's end)."""
-        return self.training.get("save_steps")
-
-    def with_method_settings(self) -> "Recipe":
-        """This recipe with `method`'s own learning rate and batch size (from the *_by_method tables) in effect."""
-        own = {"learning_rate": self.lr_by_method.get(self.method), "per_device_train_batch_size": self.batch_size_by_method.get(self.method)}
-        return dataclasses.replace(self, training={**self.training, **{k: v for k, v in own.items() if v is not None}})
-
-    def for_method(self, method: str) -> "Recipe":
-        """This recipe for one method of a comparison, in its own sub-folder, with that method's own settings."""
-        return dataclasses.replace(self, method=method, output_dir=str(Path(self.output_dir) / method)).with_method_settings()
-
-    def to_dict(self) -> dict[str, Any]:
-        """The recipe as its file writes it: fish-peft's keys, then the TrainingArguments fields at the top level."""
-        keys = dataclasses.asdict(self)
-        training = keys.pop("training")
-        return {**keys, **training}
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
 
 @dataclass
 class SparseRecipe(Seeded):
@@ -190,8 +196,10 @@ class SparseRecipe(Seeded):
 
 def load_recipe(path: str, overrides: Optional[dict[str, str]] = None, recipe_cls: type = Recipe):
     """Read a recipe file, apply `--key value` overrides (strings, converted to each key's type) and build
-    `recipe_cls` (fine-tuning `Recipe` by default) through `HfArgumentParser`, as the alignment handbook does. A
-    `Recipe` file's TrainingArguments fields go to `Recipe.training`, checked by building TrainingArguments."""
+    `recipe_cls` through `HfArgumentParser`, as the alignment handbook does. `Recipe` (the default) stands for every
+    fine-tuning recipe: an `SFTRecipe` when the file (or an override) says `task: sft`. The TrainingArguments fields
+    of a recipe class with a `training` key (TrainingArguments, or TRL's SFTConfig for SFT) go to `training`, checked
+    by building them."""
     import yaml
     from transformers import HfArgumentParser
 
@@ -202,26 +210,55 @@ def load_recipe(path: str, overrides: Optional[dict[str, str]] = None, recipe_cl
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of keys to values.")
     overrides = overrides or {}
-    given = {**data, **overrides}
     if recipe_cls is Recipe:
-        data, overrides = _canonical(data, path), _canonical(overrides, f"{path} with its overrides")
+        recipe_cls = recipe_class(data, overrides)
+    given = {**data, **overrides}
+    takes_training = "training" in {f.name for f in dataclasses.fields(recipe_cls)}
+    if takes_training:
+        set_by_run = getattr(recipe_cls, "SET_BY_RUN", SET_BY_RUN)
+        data = _canonical(data, path, set_by_run)
+        overrides = _canonical(overrides, f"{path} with its overrides", set_by_run)
         for short, name in (("lr", "learning_rate"), ("batch_size", "per_device_train_batch_size")):
             if name in overrides:  # an explicit --lr / --batch-size applies to every method
                 overrides.setdefault(f"{short}_by_method", "")
     types_ = typing.get_type_hints(recipe_cls)
     own = set(recipe_keys(recipe_cls))
-    training_fields = _training_fields() if recipe_cls is Recipe else {}
+    arguments_cls = training_arguments_class(recipe_cls) if takes_training else None
+    training_fields = _training_fields(arguments_cls, set_by_run) if takes_training else {}
     unknown = sorted(name for name in {**data, **overrides} if name not in own and name not in training_fields)
     if unknown:
-        also = " and any TrainingArguments field" if training_fields else ""
+        also = f" and any {arguments_cls.__name__} field" if training_fields else ""
         raise ValueError(f"{path}: unknown recipe key(s) {unknown}. Known keys: {', '.join(recipe_keys(recipe_cls))}{also}.")
     keys = {name: value for name, value in data.items() if name in own}
     keys.update({name: convert_value(name, raw, types_[name]) for name, raw in overrides.items() if name in own})
     training = {**{n: v for n, v in data.items() if n not in own}, **{n: v for n, v in overrides.items() if n not in own}}
-    if training_fields:
-        keys["training"] = _training_values(training, training_fields, path, given)
+    if takes_training:
+        keys["training"] = _training_values(training, training_fields, path, given, arguments_cls)
     (recipe,) = HfArgumentParser(recipe_cls).parse_dict(keys)
     return recipe
+
+
+def recipe_class(data: dict[str, Any], overrides: Optional[dict[str, str]] = None) -> type:
+    """The recipe class of a recipe file's keys: `SFTRecipe` for `task: sft`, else `Recipe`."""
+    from fish_peft.cli.sft_recipe import SFT_TASK, SFTRecipe
+
+    task = (overrides or {}).get("task", data.get("task"))
+    return SFTRecipe if task == SFT_TASK else Recipe
+
+
+def training_arguments_class(recipe_cls: type) -> type:
+    """The class whose fields a recipe's `training` holds: transformers' TrainingArguments, or the one a recipe class
+    names in `TRAINING_ARGUMENTS` (module, class), such as TRL's SFTConfig, with the extra to install if missing."""
+    import importlib
+
+    module, name = getattr(recipe_cls, "TRAINING_ARGUMENTS", ("transformers", "TrainingArguments"))
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise ImportError(
+            f"{recipe_cls.__name__} recipes train with {module}'s {name}, and {module} is not installed: "
+            f"pip install fish-peft[{module}]"
+        ) from err
 
 
 def recipe_keys(recipe_cls: type = Recipe) -> list[str]:
@@ -229,14 +266,15 @@ def recipe_keys(recipe_cls: type = Recipe) -> list[str]:
     return [f.name for f in dataclasses.fields(recipe_cls) if f.name != "training"]
 
 
-def _canonical(keys: dict[str, Any], where: str) -> dict[str, Any]:
+def _canonical(keys: dict[str, Any], where: str, set_by_run: tuple[str, ...] = SET_BY_RUN) -> dict[str, Any]:
     """`keys` with short names (lr, epochs, ...) replaced by the TrainingArguments fields they stand for."""
     if "training" in keys:
         raise ValueError(f"{where}: write TrainingArguments fields at the top level of the recipe, not under training.")
-    for name in SET_BY_RUN:
+    for name in set_by_run:
         if name in keys and name != "output_dir":
-            raise ValueError(f"{where}: {name} is set by the run itself (its checkpoints serve --resume and the choice "
-                             "of the best model); leave it out.")
+            why = (" (loss_on says which tokens the loss counts)" if name.endswith("_only_loss") else
+                   " (its checkpoints serve --resume and the choice of the best model)")
+            raise ValueError(f"{where}: {name} is set by the run itself{why}; leave it out.")
     canonical, spelled = {}, {}
     for name, value in keys.items():
         field = TRAINING_ALIASES.get(name, name)
@@ -246,22 +284,22 @@ def _canonical(keys: dict[str, Any], where: str) -> dict[str, Any]:
     return canonical
 
 
-def _training_fields() -> dict[str, Any]:
-    """TrainingArguments' fields a recipe may set, each with the argparse action that reads it from a string."""
-    from transformers import HfArgumentParser, TrainingArguments
+def _training_fields(arguments_cls: type, set_by_run: tuple[str, ...] = SET_BY_RUN) -> dict[str, Any]:
+    """The fields of `arguments_cls` (TrainingArguments or a subclass) a recipe may set, each with the argparse action
+    that reads it from a string."""
+    from transformers import HfArgumentParser
 
-    actions = {action.dest: action for action in HfArgumentParser(TrainingArguments)._actions}
-    return {f.name: actions[f.name] for f in dataclasses.fields(TrainingArguments)
-            if f.init and f.name in actions and f.name not in SET_BY_RUN}
+    actions = {action.dest: action for action in HfArgumentParser(arguments_cls)._actions}
+    return {f.name: actions[f.name] for f in dataclasses.fields(arguments_cls)
+            if f.init and f.name in actions and f.name not in set_by_run}
 
 
-def _training_values(values: dict[str, Any], fields: dict[str, Any], path: str, given: dict[str, Any]) -> dict[str, Any]:
+def _training_values(values: dict[str, Any], fields: dict[str, Any], path: str, given: dict[str, Any],
+                     arguments_cls: type) -> dict[str, Any]:
     """TrainingArguments fields from the file and the overrides, strings read as TrainingArguments' own parser reads
-    them from a command line with `fields` (`_training_fields`); refused, naming the key, when TrainingArguments
+    them from a command line with `fields` (`_training_fields`); refused, naming the key, when `arguments_cls`
     refuses them."""
     import tempfile
-
-    from transformers import TrainingArguments
 
     read = {}
     for name, value in values.items():
@@ -273,11 +311,13 @@ def _training_values(values: dict[str, Any], fields: dict[str, Any], path: str, 
                 shown = next((g for g, f in TRAINING_ALIASES.items() if f == name and g in given), name)
                 raise ValueError(f"--{shown.replace('_', '-')}: cannot read {value!r} as {getattr(action.type, '__name__', 'its type')}.") from None
         read[name] = value
+    # TRL's configs turn bf16 on unless told, which a machine without a GPU refuses; the run decides it (sft_training)
+    precision = {} if {"bf16", "fp16"} & read.keys() else {"bf16": False}
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            TrainingArguments(output_dir=scratch, **read)
+            arguments_cls(output_dir=scratch, **precision, **read)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: TrainingArguments refuses the recipe's training keys: {err}") from None
+            raise ValueError(f"{path}: {arguments_cls.__name__} refuses the recipe's training keys: {err}") from None
     return read
 
 

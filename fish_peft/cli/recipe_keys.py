@@ -49,13 +49,26 @@ def convert_value(name: str, raw: str, annotation: Any) -> Any:
             return [item.strip() for item in raw.split(",") if item.strip()]
         if origin is dict:
             value_type = typing.get_args(target)[1]
-            return {k.strip(): value_type(v) for k, v in (pair.split("=") for pair in raw.split(",") if pair)}
+            read = _literal if value_type is Any else value_type
+            return {k.strip(): read(v.strip()) for k, v in (pair.split("=") for pair in raw.split(",") if pair)}
         if target is bool:
             return raw.lower() in ("1", "true", "yes")
         if target in (int, float):
             return target(raw)
     except ValueError:
         raise ValueError(f"--{name.replace('_', '-')}: cannot read {raw!r} as {type_name(target)}.") from None
+    return raw
+
+
+def _literal(raw: str) -> Any:
+    """A value of a free-form mapping key as YAML would read it: true/false, an int, a float, else the string."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
     return raw
 
 
@@ -73,7 +86,7 @@ def type_name(annotation: Any) -> str:
     if origin is list:
         name = f"comma-separated {args[0].__name__}s"
     elif origin is dict:
-        name = f"method={args[1].__name__},..."
+        name = "key=value,..." if args[1] is Any else f"method={args[1].__name__},..."
     else:
         name = getattr(target, "__name__", str(target))
     return f"{name} or none" if optional else name

@@ -16,7 +16,7 @@ from transformers import Trainer
 from fish_peft.cli.output_folders import RUN
 from fish_peft.cli.recipe import Recipe
 from fish_peft.cli.run_setup import Setup, label_names
-from fish_peft.cli.tasks import Task, dataset_name
+from fish_peft.cli.tasks import dataset_name
 from fish_peft.cli.training_loops import Trained
 from fish_peft.distributed.processes import rank_and_world
 from fish_peft.hub.mask_plot import plot_mask
@@ -37,13 +37,7 @@ def run_results(recipe: Recipe, setup: Setup, model, trainer: Trainer, trained: 
         "model": recipe.model,
         "metrics": {split: strip_prefix(trainer.evaluate(data, metric_key_prefix=split), split) for split, data in evaluation.items()},
         "epochs": epoch_metrics(trainer.state.log_history, tuple(evaluation)),
-        "trainable_parameters": count_trainable(model),
-        "total_parameters": sum(p.numel() for _, p in base_named_parameters(model)),
-        "fisher_seconds": fisher_seconds,
-        "mean_step_seconds": trained.mean_step_seconds,
-        "train_seconds": trained.train_seconds,
-        "steps": trained.steps,
-        "peak_memory_bytes": peak_memory_bytes(),
+        **training_facts(model, trained, fisher_seconds),
         "mask": None if mask is None else {"selected": mask.num_selected, "parameters": len(mask), **mask.info, **trained.mask_facts},
         "recipe": recipe.to_dict(),
         "label_names": label_names(setup.model.config, setup.task),
@@ -56,19 +50,36 @@ def run_results(recipe: Recipe, setup: Setup, model, trainer: Trainer, trained: 
     return results
 
 
-def write_run_folder(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMask], results: dict, started: float) -> None:
+def training_facts(model, trained: Trained, fisher_seconds) -> dict[str, Any]:
+    """What every run's results.json says of its training: sizes, times and peak memory."""
+    return {
+        "trainable_parameters": count_trainable(model),
+        "total_parameters": sum(p.numel() for _, p in base_named_parameters(model)),
+        "fisher_seconds": fisher_seconds,
+        "mean_step_seconds": trained.mean_step_seconds,
+        "train_seconds": trained.train_seconds,
+        "steps": trained.steps,
+        "peak_memory_bytes": peak_memory_bytes(),
+    }
+
+
+def write_run_folder(out: Path, recipe, title: str, model, mask: Optional[FishMask], results: dict, started: float,
+                     tokenizer=None) -> None:
     """On the first process (the one that writes under `accelerate launch`), replace the output folder at once: until
-    the new folder replaces it, the old one (with its checkpoints, for --resume) stays whole."""
+    the new folder replaces it, the old one (with its checkpoints, for --resume) stays whole. `title` is what the
+    run trained for (a task, "sft"), for the mask plot's title; a `tokenizer` (SFT runs) is saved with the adapter."""
     if rank_and_world()[0] != 0:
         return
     with atomic_folder(out, owns=RUN.owns) as staging:
-        results["adapter_bytes"] = save_run(staging, recipe, task, model, mask)
+        results["adapter_bytes"] = save_run(staging, recipe, title, model, mask)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
         results["wall_seconds"] = time.perf_counter() - started
         write_json(staging / "results.json", results)
         write_model_card(staging)
 
 
-def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMask]) -> int:
+def save_run(out: Path, recipe, title: str, model, mask: Optional[FishMask]) -> int:
     """Write the adapter (or model), recipe and plot into the staging folder `out`; returns the size of the saved
     weights. The model card comes last, from these files and `results.json` (`write_model_card`)."""
     model.save_pretrained(str(out))
@@ -77,7 +88,7 @@ def save_run(out: Path, recipe: Recipe, task: Task, model, mask: Optional[FishMa
     (out / "recipe.yaml").write_text(recipe.to_yaml())
     if mask is not None:
         shapes = {name: tuple(p.shape) for name, p in base_named_parameters(model)}
-        plot_mask(mask, str(out / "mask.png"), title=f"{recipe.method} mask, {task.name}", shapes=shapes)
+        plot_mask(mask, str(out / "mask.png"), title=f"{recipe.method} mask, {title}", shapes=shapes)
     return weight_bytes
 
 

@@ -40,15 +40,22 @@ from fish_peft.tuner.config import FishConfig
 FINISHED_RUN = ("results.json", "adapter_config.json", "recipe.yaml")  # any of them: the folder holds a finished run
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Train and evaluate one method as the recipe says (at its `lr_by_method` / `batch_size_by_method` values);
-    returns what `results.json` holds. `resume` continues an interrupted run in the output folder from its last
-    complete checkpoint (see `resume.py`)."""
+def prepare_run(recipe, overwrite: bool, resume: bool):
+    """(the recipe with its method's own settings, its output folder, checked unless resuming, the checkpoint to
+    resume from or None)."""
     recipe = recipe.with_method_settings()
     out = Path(recipe.output_dir)
     checkpoint = resume_point(recipe, out) if resume else None
     if not resume:
         check_output_dir(out, overwrite, elsewhere=f"{out}-{recipe.method}")
+    return recipe, out, checkpoint
+
+
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate one method as the recipe says (at its `lr_by_method` / `batch_size_by_method` values);
+    returns what `results.json` holds. `resume` continues an interrupted run in the output folder from its last
+    complete checkpoint (see `resume.py`)."""
+    recipe, out, checkpoint = prepare_run(recipe, overwrite, resume)
     started = time.perf_counter()
     setup = Setup.from_recipe(recipe)
     args = training_arguments(recipe, out, setup.task)
@@ -69,7 +76,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
     )
     trained = loop.train(trainer, checkpoint)
     results = run_results(recipe, setup, model, trainer, trained, fisher_seconds)
-    write_run_folder(out, recipe, setup.task, model, trained.mask, results, started)
+    write_run_folder(out, recipe, setup.task.name, model, trained.mask, results, started)
     return results
 
 
@@ -209,6 +216,11 @@ def evaluate_run(run_dir: Path, overrides: dict[str, str]) -> dict[str, dict[str
     if not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} holds no recipe.yaml; is it the output folder of `fish-peft train`?")
     recipe = load_recipe(str(run_dir / "recipe.yaml"), overrides)
+    if not isinstance(recipe, Recipe):
+        raise ValueError(
+            f"{run_dir} is an SFT run: its results.json already holds its validation loss, perplexity and generations; "
+            "`fish-peft eval` re-evaluates classification runs."
+        )
     setup = Setup.from_recipe(recipe)
     if (run_dir / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(setup.model, run_dir)

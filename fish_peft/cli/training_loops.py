@@ -1,6 +1,7 @@
 """How a run's adapter trains, chosen once per run (`training.training_loop`): Trainer's own loop; the same with an
-evolving mask's engine as a Trainer callback; or periodic diff averaging's loop, which uses the Trainer only for its
-dataloader, optimizer and schedule. Each resumes from its own kind of checkpoint and reports the same `Trained`."""
+evolving mask's engine as a Trainer callback, or with the FISH mask computed when training begins (SFT); or periodic
+diff averaging's loop, which uses the Trainer only for its dataloader, optimizer and schedule. Each resumes from its
+own kind of checkpoint and reports the same `Trained`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from transformers import Trainer, TrainerCallback
 
 from fish_peft.cli.averaged_training import averaged_mask, train_averaged
 from fish_peft.cli.recipe import Recipe
-from fish_peft.cli.resume import StepCheckpoints
+from fish_peft.cli.resume import StepCheckpoints, remember_mask
+from fish_peft.distributed.processes import rank_and_world
 from fish_peft.dynamic import SparseTrainingCallback
 from fish_peft.masks.fish_mask import FishMask
+from fish_peft.tuner.mask_init_callback import FishMaskInitCallback
+from fish_peft.tuner.mask_initialization import adapters_awaiting_masks, initialize_fish_mask
 
 
 @dataclass
@@ -99,3 +103,57 @@ class AveragedDiffLoop:
         mask = averaged_mask(trainer.model, self.mask)
         steps = report["merging"]["steps"]
         return Trained(report["train_seconds"], report["mean_step_seconds"], steps, mask, facts={"merging": report["merging"]})
+
+
+class FisherAtTrainBegin(FishMaskInitCallback):
+    """`FishMaskInitCallback` (the mask of a `FishConfig(keep_ratio=...)` adapter, from the Fisher of the Trainer's own
+    loss on its own training batches, when training begins), timed, and its mask kept in the run's checkpoints
+    folder for --resume."""
+
+    def __init__(self, out: Path):
+        super().__init__(progress=True)
+        self.out = out
+        self.mask: Optional[FishMask] = None
+        self.seconds: Optional[float] = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not adapters_awaiting_masks(model):
+            return
+        started = time.perf_counter()
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self._done(model, started)
+
+    def initialize_before_training(self, trainer: Trainer) -> None:
+        """What the callback does, done before `trainer.train()`: in several processes, where DDP's wrapping fixes
+        the parameters' sizes before the callback would run (every process then sums its share of the Fisher)."""
+        started = time.perf_counter()
+        data = DataLoader(trainer.train_dataset, batch_size=trainer.args.per_device_train_batch_size, collate_fn=trainer.data_collator)
+        initialize_fish_mask(trainer.model, data, progress=True)
+        self._done(trainer.model, started)
+
+    def _done(self, model, started: float) -> None:
+        self.seconds = time.perf_counter() - started
+        self.mask = model.peft_config[model.active_adapter].mask
+        if rank_and_world()[0] == 0:
+            remember_mask(self.mask, self.out)
+
+
+class LazyMaskLoop(TrainerLoop):
+    """Trainer's loop for an adapter whose FISH mask the Trainer computes when training begins (`FisherAtTrainBegin`:
+    SFT's fish); with a mask known beforehand (random, a resumed run) or none (lora, full), Trainer's loop alone."""
+
+    def __init__(self, recipe, mask: Optional[FishMask], out: Path, *extra_callbacks: TrainerCallback):
+        self.fisher = FisherAtTrainBegin(out) if recipe.method == "fish" and mask is None else None
+        super().__init__(recipe, mask, *([self.fisher] if self.fisher else []), *extra_callbacks)
+
+    def train(self, trainer: Trainer, checkpoint: Optional[Path]) -> Trained:
+        if self.fisher and rank_and_world()[1] > 1:
+            self.fisher.initialize_before_training(trainer)
+        return super().train(trainer, checkpoint)
+
+    @property
+    def fisher_seconds(self) -> Optional[float]:
+        return self.fisher.seconds if self.fisher else None
+
+    def final_mask(self) -> Optional[FishMask]:
+        return self.fisher.mask if self.fisher else self.mask

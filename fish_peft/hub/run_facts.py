@@ -87,17 +87,19 @@ def card_context(
     head = _head_tensors(folder / adapters[0][1], config.modules_to_save or ()) if adapters else {}
     k = sum(config.sparse_parameters.values()) if fish else 0
     base = base_model or recipe.get("model") or _base_model_of(folder, config)
-    task_type = getattr(config, "task_type", None) or "SEQ_CLS"
+    task_type = getattr(config, "task_type", None) or (_full_model_task_type(folder) if full_model else None) or "SEQ_CLS"
     pipeline_tag, auto_class = TASK_TYPES.get(str(task_type), ("text-classification", "AutoModel"))
     eval_split, split_metrics = next(iter(results.get("metrics", {}).items()), ("validation", {}))
-    first_task = task or recipe.get("task")
+    # an SFT recipe's task names the kind of run, not a configuration of its dataset: tags, not the card's task
+    sft = recipe.get("task") == "sft"
+    first_task = task or (None if sft else recipe.get("task"))
     return {
         "base_model": base,
         "task": first_task,
         "dataset": dataset or results.get("dataset") or first_task,
         "method": method,
         "keep_ratio": recipe.get("keep_ratio") if recipe else mask_info.get("keep_ratio"),
-        "num_labels": _num_labels(folder, head),
+        "num_labels": _num_labels(folder, head) if task_type == "SEQ_CLS" else None,
         "trainable_parameters": results.get("trainable_parameters", k + sum(math.prod(s) for s in head.values())),
         "total_parameters": results.get("total_parameters", mask_info.get("num_total_parameters")),
         "adapter_bytes": sum(p.stat().st_size for p in (folder / (adapters[0][1] if adapters else "")).glob("*.safetensors")) or None,
@@ -112,8 +114,8 @@ def card_context(
         "adapters": [_adapter_row(folder, name, sub) for name, sub in adapters] if len(adapters) > 1 else [],
         "main_adapter": adapters[0] if adapters and adapters[0][1] else None,
         "pipeline_tag": pipeline_tag,
-        "auto_class": "AutoModelForSequenceClassification" if full_model else auto_class,
-        "extra_tags": list(tags),
+        "auto_class": auto_class,
+        "extra_tags": [*tags, *(["trl", "sft"] if sft else [])],
         "adapter_settings": _settings(config) if fish else None,
         "label_names": label_names or results.get("label_names") or _config_label_names(folder),
         "train_examples": results.get("train_examples"),
@@ -187,6 +189,12 @@ def named_labels(id2label: Optional[dict]) -> Optional[list[str]]:
 def _config_label_names(folder: Path) -> Optional[list[str]]:
     """A full model's class names, which its config.json keeps."""
     return named_labels(_read_json(folder / "config.json").get("id2label"))
+
+
+def _full_model_task_type(folder: Path) -> str:
+    """The PEFT task type of a full model's architecture (config.json): a causal LM's or a sequence classifier's."""
+    architectures = _read_json(folder / "config.json").get("architectures") or []
+    return "CAUSAL_LM" if any(name.endswith("ForCausalLM") for name in architectures) else "SEQ_CLS"
 
 
 def _base_model_of(folder: Path, config) -> str:
