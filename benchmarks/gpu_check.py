@@ -9,6 +9,10 @@
                             moved, the budget stayed, the values stayed on the device
   two_processes             benchmarks/gpu_workers.py in two processes on the one device, process group "cuda:gloo"
                             (like NCCL it refuses CPU tensors): distributed Fisher, DDP training, diff averaging
+  quantized_4bit            (on cuda, or named in --only) the model loaded in 4 bits by bitsandbytes under an adapter
+                            from the float model's mask: equals the float model with dequant(W) + Δ, trains, reloads;
+                            merging, a keep_ratio config and the Fisher on the 4-bit weights are refused (skipped,
+                            said in its details, where bitsandbytes is not installed)
 
 Prints one JSON object: per check ok, seconds, peak GPU memory in MiB (null on cpu), details or the error and its
 traceback's tail, warnings; versions and device. Exit status 1 if any check failed (all of them run regardless).
@@ -18,6 +22,7 @@ traceback's tail, warnings; versions and device. Exit status 1 if any check fail
 import argparse
 import contextlib
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -206,6 +211,83 @@ def check_two_processes(size: dict, device: torch.device, quick: bool, timeout: 
         return {"ranks": [json.loads((Path(out) / f"result{rank}.json").read_text()) for rank in range(2)]}
 
 
+def check_quantized_4bit(size: dict, device: torch.device) -> dict:
+    """A bitsandbytes 4-bit base (NF4, float32 compute, so the float reference is exact up to kernel rounding) under a
+    FISH adapter made from the float model's Fisher mask."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed (pip install bitsandbytes)"}
+    import bitsandbytes
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from fish_peft import FishLayer
+    from fish_peft.tuner.quantized_bases import QuantizedBaseError, QuantizedFishLayer, dequantized_weight
+
+    float_model = build_model(size, device)
+    mask = fisher_mask(float_model, size)
+    batch = to(next(iter(loader(size, seed=2))), device)
+    with tempfile.TemporaryDirectory() as folder:
+        float_model.save_pretrained(Path(folder) / "base")
+
+        def load_4bit():
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
+            model = AutoModelForCausalLM.from_pretrained(Path(folder) / "base", quantization_config=quantization,
+                                                         device_map={"": str(device)}, dtype=torch.float32).eval()
+            for module in model.modules():  # CPU only: no repacking for bitsandbytes' inference-only bfloat16 kernel
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+            return model
+
+        model = get_peft_model(load_4bit(), FishConfig(mask=mask, init_weights=False))
+        layers = [m for m in model.modules() if isinstance(m, QuantizedFishLayer)]
+        assert layers, "no quantized layer was adapted"
+        packed = layers[0].get_base_layer().weight
+        assert packed.dtype == torch.uint8 and packed.device.type == device.type, (packed.dtype, packed.device)
+
+        def logits(m):
+            with torch.no_grad():
+                return m(**batch).logits.float()
+
+        def dequantized_reference() -> LlamaForCausalLM:
+            """The float model whose quantized weights are dequant(W), plus Δ where the adapter has one."""
+            reference, weights = build_model(size, device), {}
+            for name, module in model.get_base_model().named_modules():
+                if type(module).__name__ == "Linear4bit":
+                    weights[f"{name.removesuffix('.base_layer')}.weight"] = dequantized_weight(module)
+            for name, module in model.get_base_model().named_modules():
+                if isinstance(module, FishLayer):  # the quantized ones and the others (embeddings, norms, lm_head)
+                    for attr, delta in module.get_delta_weight("default").items():
+                        key = f"{name}.{attr}"
+                        weights[key] = weights.get(key, module.base_parameter(attr).detach().float()) + delta
+            reference.load_state_dict(weights, strict=False)
+            return reference
+
+        tolerance = dict(atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(logits(model), logits(dequantized_reference()), **tolerance)
+        losses = train(model, size, device)
+        trained = logits(model)
+        torch.testing.assert_close(trained, logits(dequantized_reference()), **tolerance)
+        model.save_pretrained(Path(folder) / "adapter")
+        reloaded = PeftModel.from_pretrained(load_4bit(), Path(folder) / "adapter").eval()
+        torch.testing.assert_close(logits(reloaded), trained, **tolerance)
+        refusals = {}
+        for what, attempt, error in [
+            ("merge", lambda: reloaded.merge_and_unload(), QuantizedBaseError),
+            ("keep_ratio", lambda: get_peft_model(load_4bit(), FishConfig(keep_ratio=KEEP_RATIO, target_modules="all-linear")),
+             QuantizedBaseError),
+            ("fisher", lambda: fisher_mask(load_4bit(), size), ValueError),
+        ]:
+            try:
+                attempt()
+            except error as err:
+                refusals[what] = str(err)[:120]
+            else:
+                raise AssertionError(f"{what} on the 4-bit base was not refused")
+    return {"bitsandbytes": bitsandbytes.__version__, "adapted_layers": len(layers), "losses": losses,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "refused": refusals}
+
+
 def run_check(name: str, check, device: torch.device) -> dict:
     """Runs one check: ok, details (or error and traceback), warnings, seconds, peak GPU memory (MiB) of the check."""
     cuda = device.type == "cuda"
@@ -251,6 +333,8 @@ def main() -> int:
         "evolving_topkast": lambda: check_evolving(size, device, "topkast"),
         "two_processes": lambda: check_two_processes(size, device, args.quick, args.timeout),
     }
+    if device.type == "cuda" or "quantized_4bit" in (args.only or []):  # on CPU, CI's smoke test runs the six above
+        checks["quantized_4bit"] = lambda: check_quantized_4bit(size, device)
     results = {name: run_check(name, check, device) for name, check in checks.items() if name in (args.only or checks)}
     report = {
         "ok": all(r["ok"] for r in results.values()),

@@ -99,6 +99,16 @@ def compute_fisher(
     params = dict(parameters) if parameters is not None else dict(model.named_parameters())
     if not params:
         raise ValueError("No parameters to score.")
+    # bitsandbytes' packed 4-bit (uint8, or a float quant_storage) and 8-bit (int8) weights: no gradient to square
+    quantized = [n for n, p in params.items() if not p.is_floating_point() or type(p).__name__ in ("Params4bit", "Int8Params")]
+    if quantized:
+        raise ValueError(
+            f"{len(quantized)} parameter(s) to score are stored quantized, e.g. '{quantized[0]}' "
+            f"({params[quantized[0]].dtype}, {type(params[quantized[0]]).__name__}): the Fisher is a gradient of float "
+            "weights. Compute the mask on the base model loaded in bfloat16 or float32 and pass FishConfig(mask=mask) "
+            "to the quantized model (a mask names parameters and their dequantized shapes), or leave these "
+            "parameters out (eligible=... / parameters=...)."
+        )
     generator = torch.Generator().manual_seed(seed)
     scorer = _FisherScorer(model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device)
     was_training = model.training

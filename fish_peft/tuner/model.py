@@ -18,6 +18,13 @@ from fish_peft.tuner.layer import FishLayer, FishTiedLayer, parameter_name
 from fish_peft.tuner.packing import PACKED_KEYS, VALUES_KEY, PackingError, pack, stored_counts
 from fish_peft.masks.selection import base_named_parameters, in_modules
 from fish_peft.tuner.adapter_files import AdapterFileError, check_head_shapes, unpack_adapter_state_dict
+from fish_peft.tuner.quantized_bases import (
+    check_mergeable,
+    check_quantized_plan,
+    check_quantized_targets,
+    fish_layer_class,
+    parameter_shape,
+)
 from fish_peft.tuner.target_modules import (
     check_budget,
     check_mask_in_targets,
@@ -51,8 +58,10 @@ class FishModel(BaseTuner):
         if config.awaits_mask:  # a keep_ratio config: every module that may hold entries, wrapped with none yet
             default_modules_to_save(model, config)
             eligible = eligible_parameters(model, config)
+            check_quantized_targets(model, config, eligible)  # bitsandbytes weights: see quantized_bases.py
             check_budget(model, config, eligible)
         else:
+            check_quantized_targets(model, config, config.sparse_parameters)
             check_model_matches_config(model, config)
             check_mask_in_targets(model, config)
             eligible = config.sparse_parameters
@@ -62,7 +71,9 @@ class FishModel(BaseTuner):
             self.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         if config.mask is None and not config.awaits_mask:  # injected to be loaded: placeholders until the file's entries arrive
             self.__dict__.setdefault("awaiting_weights", set()).add(adapter_name)
-        self._injection_plan = adapted_modules(model, eligible)
+        plan = adapted_modules(model, eligible)
+        check_quantized_plan(model, plan)
+        self._injection_plan = plan
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         finally:
@@ -89,7 +100,7 @@ class FishModel(BaseTuner):
                 "mask once, under the name model.named_parameters() gives it."
             )
         else:
-            new_module = FishLayer(target, adapter_name, indices, evolving, peft_config.init_weights)
+            new_module = fish_layer_class(target)(target, adapter_name, indices, evolving, peft_config.init_weights)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -108,8 +119,14 @@ class FishModel(BaseTuner):
         self._forward_checks = self.model.register_forward_pre_hook(self._before_forward)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
+        if (args[0] if args else kwargs.get("merge", True)):  # before anything is unwrapped: no merge into a quantized weight
+            check_mergeable(self.model, args[3] if len(args) > 3 else kwargs.get("adapter_names"))
         self._forward_checks.remove()
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        check_mergeable(self.model)
 
     def _before_forward(self, *_) -> None:
         self._refuse_fsdp()
@@ -276,10 +293,11 @@ def check_model_matches_config(model: nn.Module, config: FishConfig) -> None:
             "model the mask was computed on (see base_model_name_or_path in adapter_config.json)."
         )
     for name, shape in config.parameter_shapes.items():
-        if list(params[name].shape) != list(shape):
+        own = list(parameter_shape(model, name, params[name]))  # a quantized weight: its dequantized shape
+        if own != list(shape):
             raise ValueError(
                 f"The adapter was made for a base model whose '{name}' has shape {list(shape)}, but this model's has "
-                f"{list(params[name].shape)}. Load the adapter onto the base model it was trained on."
+                f"{own}. Load the adapter onto the base model it was trained on."
             )
     at_root = [name for name in config.sparse_parameters if "." not in name]
     if at_root:
