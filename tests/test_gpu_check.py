@@ -2,11 +2,8 @@
 GPU run takes, so a GPU session spends its time on the GPU, not on fixing the script."""
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.distributed_launch import ROOT
+from tests.benchmark_runs import run_benchmark
 
 CHECKS = {
     "fisher_mask", "train_save_merge", "train_save_merge_bf16", "evolving_sparse_momentum", "evolving_topkast",
@@ -15,11 +12,7 @@ CHECKS = {
 
 
 def test_gpu_check_passes_on_cpu():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick", "--timeout", "200"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )
+    run = run_benchmark("gpu_check.py", "--device", "cpu", "--quick", "--timeout", "200")
     report = json.loads(run.stdout)  # stdout holds the one JSON object, progress goes to stderr
     failed = {name: check.get("traceback") for name, check in report["checks"].items() if not check["ok"]}
     assert not failed, failed

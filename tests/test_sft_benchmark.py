@@ -3,15 +3,8 @@ same code paths the full run takes, and a report of the promised shape with fini
 
 import json
 import math
-import os
-import subprocess
-import sys
 
-import pytest
-
-from tests.distributed_launch import ROOT
-
-pytest.importorskip("trl")
+from tests.benchmark_runs import run_benchmark
 
 METHOD_KEYS = {
     "lr", "trainable", "trainable_share", "val_loss", "val_token_accuracy", "val_exact_match", "val_loss_before",
@@ -27,11 +20,7 @@ def finite_numbers(value) -> list[float]:
 
 
 def test_sft_benchmark_quick_reports_every_method():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sft.py"), "--quick"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )
+    run = run_benchmark("sft.py", "--quick")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)  # stdout holds the one JSON object, progress goes to stderr
     assert report["device"] == "cpu" and report["keep_ratio"] == 0.005

@@ -1,21 +1,14 @@
 """benchmarks/step_cost.py --quick: every section and method is measured and reported; no timing is judged."""
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.distributed_launch import ROOT
+from tests.benchmark_runs import run_benchmark
 
 TRAINING = {"fish", "fish_w_plus_delta", "lora_qv", "lora_same_params", "full"}
 
 
 def test_step_cost_quick_reports_every_section_and_method():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--quick"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )
+    run = run_benchmark("step_cost.py", "--quick")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
 

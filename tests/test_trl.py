@@ -2,8 +2,10 @@
 Fisher of the completion-only loss, training changes only the masked entries, and the saved adapter loads with
 PeftModel and AutoPeftModelForCausalLM. Offline: a tiny Llama and a word-level tokenizer built on the spot."""
 
+import datasets
 import pytest
 import torch
+import trl
 from peft import AutoPeftModelForCausalLM, PeftModel
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -11,9 +13,6 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 import fish_peft  # noqa: F401  (registers FISH with PEFT)
 from fish_peft import FishConfig, FishMaskInitCallback, compute_fisher_mask
 from tests.models import tiny_llama
-
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 WORDS = "what did the a cat dog bird sat ran flew on mat log tree away home".split()
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":"]

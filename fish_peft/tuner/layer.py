@@ -1,4 +1,4 @@
-"""Sparse-diff tuner layers: a module's parameters plus, per adapter, a few values at a few flat indices."""
+"""The sparse-diff tuner layer: a module's parameters plus, per adapter, a few values at a few flat indices."""
 
 from __future__ import annotations
 
@@ -300,7 +300,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         """Whether the weight's diff runs as a term of its own (`sparse_terms`): a Linear, Conv1D or Embedding
         (without max_norm, which rewrites the weight), outside an evolving diff's update step (which wants the
         dense weight gradient)."""
-        return self.captured_gradients is None and _takes_a_sparse_term(self.base_layer)
+        return self.captured_gradients is None and takes_a_sparse_term(self.base_layer)
 
     def forward_with_sparse_term(self, module: nn.Module, x: torch.Tensor, tied: Optional[dict[str, str]] = None) -> torch.Tensor:
         """module(x) with the other parameters' diffs (the bias) applied, plus the weight's diffs (x: the input, or
@@ -363,7 +363,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         return "fish." + super().__repr__()
 
 
-def _takes_a_sparse_term(module: nn.Module) -> bool:
+def takes_a_sparse_term(module: nn.Module) -> bool:
     """A Linear, Conv1D, or Embedding without max_norm (which rewrites the weight in the forward pass)."""
     return isinstance(module, (nn.Linear, Conv1D)) or (isinstance(module, nn.Embedding) and module.max_norm is None)
 
@@ -376,52 +376,3 @@ def _in_out_features(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
             return _get_in_out_features(module)
     except ValueError:  # PEFT refuses MultiheadAttention with different key/value sizes
         return None, None
-
-
-class FishTiedLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
-    """Stands in for a module that shares a parameter with a `FishLayer`'s module (GPT-2's `lm_head` and `wte`).
-
-    The diff is applied wherever the tied weight is used, so the adapted model equals a dense model with W + Δ. The
-    values live only on the source layer (and are saved once); merging the source updates the shared tensor.
-    """
-
-    adapter_layer_names = ()
-    other_param_names = ()
-
-    def __init__(self, base_layer: nn.Module, source: FishLayer, tied: dict[str, str]):
-        super().__init__()
-        self.base_layer = base_layer
-        object.__setattr__(self, "_source", source)  # not a submodule: its values must not be saved twice
-        self.tied = dict(tied)  # {this module's parameter attribute: the source's parameter attribute}
-        self._disable_adapters = False
-        self.merged_adapters = []
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Nothing to do: the source layer's merge writes into the shared tensor."""
-
-    def unmerge(self) -> None:
-        """Nothing to do: the source layer's unmerge restores the shared tensor."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        source = self._source
-        if source.disable_adapters and source.merged:
-            source.unmerge()
-        if source.disable_adapters or source.merged:
-            return self.base_layer(*args, **kwargs)
-        if len(args) == 1 and not kwargs and self._weight_is_tied_as_a_sparse_term():
-            return source.forward_with_sparse_term(self.base_layer, args[0], self.tied)
-        effective = source.effective_parameters()
-        overrides = {mine: effective[theirs] for mine, theirs in self.tied.items() if theirs in effective}
-        if not overrides:
-            return self.base_layer(*args, **kwargs)
-        return functional_call(self.base_layer, overrides, args, kwargs)
-
-    def _weight_is_tied_as_a_sparse_term(self) -> bool:
-        """Whether this module's weight is the source's and both take the weight's diff as a sparse term."""
-        source = self._source
-        return (
-            self.tied.get("weight") == "weight"
-            and source._weight_diff_is_a_sparse_term()
-            and _takes_a_sparse_term(self.base_layer)
-            and self.base_layer.weight.shape == source.base_parameter("weight").shape
-        )

@@ -12,7 +12,8 @@ from torch import nn
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.masks.selection import base_named_parameters, compute_fisher_mask
 from fish_peft.tuner.config import FishConfig
-from fish_peft.tuner.layer import FishLayer, FishTiedLayer, storage_key
+from fish_peft.tuner.layer import FishLayer, storage_key
+from fish_peft.tuner.tied_layer import FishTiedLayer
 from fish_peft.tuner.model import FishModel
 from fish_peft.tuner.target_modules import check_budget
 

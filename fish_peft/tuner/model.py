@@ -8,13 +8,14 @@ from collections.abc import Iterable
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fish_peft.tuner.config import SAVE_DTYPES, FishConfig
 from fish_peft.distributed.processes import check_same_everywhere, tensors_digest
-from fish_peft.tuner.layer import FishLayer, FishTiedLayer, parameter_name
+from fish_peft.tuner.layer import FishLayer, parameter_name
+from fish_peft.tuner.tied_layer import FishTiedLayer, wrap_tied_modules
 from fish_peft.tuner.packing import PACKED_KEYS, VALUES_KEY, PackingError, pack, stored_counts
 from fish_peft.masks.selection import base_named_parameters, in_modules
 from fish_peft.tuner.adapter_files import AdapterFileError, check_head_shapes, unpack_adapter_state_dict
@@ -78,7 +79,7 @@ class FishModel(BaseTuner):
             super().inject_adapter(model, adapter_name, **kwargs)
         finally:
             self._injection_plan = None
-        _wrap_tied_modules(model)
+        wrap_tied_modules(model)
         layer = next(m for m in model.modules() if isinstance(m, FishLayer))
         self.__dict__["_fsdp_probe"] = weakref.ref(next(layer.get_base_layer().parameters()))
 
@@ -375,33 +376,6 @@ def _entry_owners(model: nn.Module) -> dict[str, tuple[str, str]]:
                 for attr in module.adapted_parameters(adapter_name):
                     owners[f"{module_name.removeprefix('base_model.model.')}.{attr}"] = (module_name, attr)
     return owners
-
-
-def _wrap_tied_modules(model: nn.Module) -> None:
-    """Wrap modules holding a parameter that a FishLayer's module also holds, so the diff reaches every use."""
-    owners: dict[int, tuple[FishLayer, str]] = {}
-    for module in model.modules():
-        if isinstance(module, FishLayer):
-            for param_name, param in module.get_base_layer().named_parameters():
-                owners[id(param)] = (module, param_name)
-    tuners = {name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
-    for name, module in list(model.named_modules()):
-        ancestors = (name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1))
-        if name in tuners or any(a in tuners for a in ancestors):
-            continue
-        tied = {}
-        sources = set()
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in owners:
-                source, source_param = owners[id(param)]
-                tied[param_name] = source_param
-                sources.add(id(source))
-        if not tied:
-            continue
-        if len(sources) > 1:
-            raise ValueError(f"'{name}' shares parameters with several adapted modules; fish-peft supports one.")
-        parent, _, target_name = _get_submodules(model, name)
-        setattr(parent, target_name, FishTiedLayer(module, source, tied))
 
 
 def _discard_adapter(model: nn.Module, adapter_name: str) -> None:

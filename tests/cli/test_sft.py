@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import trl
 import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer
@@ -23,8 +24,6 @@ from fish_peft.cli.sft_model import load_causal_lm, word_level_tokenizer
 from fish_peft.cli.sft_training import sft_arguments
 from fish_peft.masks.selection import compute_fisher_mask
 from fish_peft.tuner.adapter_files import read_adapter_mask
-
-trl = pytest.importorskip("trl")
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "sft" / "tiny_offline.yaml"

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 import fish_peft  # noqa: F401  (registers FISH with PEFT)
 from fish_peft import FishConfig, FishLayer, FishMask, random_mask
-from fish_peft.tuner.layer import FishTiedLayer
+from fish_peft.tuner.tied_layer import FishTiedLayer
 from tests.models import MODEL_BUILDERS, example_inputs, tiny_bert, tiny_gpt2
 
 FAMILIES = ["bert", "gpt2", "llama", "t5"]
