@@ -6,7 +6,8 @@ vectorised: one forward and one backward per chunk of examples, with per-example
 one-example-at-a-time loop at a bounded sample of entries (`sampled_gradients.py`); a parameter that differs (used
 outside its module's forward, say) is scored by that loop, which is also available for every parameter with
 `vectorized=False`. First, the per-example loss must equal the model's own `.loss` (`losses.check_model_loss`).
-Beyond the model and one chunk's activations, the pass holds the scores and one parameter's temporaries.
+Beyond the model and one chunk's activations, the pass holds the scores and one parameter's temporaries: each
+parameter's per-example gradients are squared during the backward, as soon as its output-gradients arrive.
 """
 
 from __future__ import annotations
@@ -293,18 +294,11 @@ class _FisherScorer:
             passes = self._weighted_losses(batch, first_example, fisher)
             losses = next(passes)
         self.vectorized_names -= self.recorder.unbatched
-        calls = self.recorder.calls
-        if not calls:
+        if not self.recorder.calls:
             raise ValueError("No module that owns a scored parameter took part in the forward pass.")
         while losses is not None:
             following = next(passes, None)
-            deltas = torch.autograd.grad(
-                losses.sum(), [c.output for c in calls], retain_graph=following is not None, allow_unused=True
-            )
-            for call, delta in zip(calls, deltas):
-                call.delta = delta
-            for name, contributions in self.recorder.contributions(self.vectorized_names):
-                accumulate(name, contributions)
+            self.recorder.backward(losses.sum(), self.vectorized_names, accumulate, last=following is None)
             losses = following
         self.recorder.calls = []
 

@@ -1,11 +1,12 @@
 """Per-example gradients of a batch from one backward pass.
 
-Forward hooks record each call of a module that owns a wanted parameter (its inputs and output). After
-`torch.autograd.grad` gives the gradient of the summed per-example losses at those outputs, each example's gradient
-of the module's parameters is rebuilt from its own inputs and output-gradient: an outer product for Linear and
+Forward hooks record each call of a module that owns a wanted parameter (its inputs and output). During the
+backward of the summed per-example losses, as soon as the output-gradients of all calls of a parameter have arrived,
+each example's gradient of it is rebuilt from its own inputs and output-gradient: an outer product for Linear and
 Conv1D, token rows for Embedding, a product with the normalised input for LayerNorm, and `torch.func` (vmap of a
 vjp) for any other module. Contributions of several calls (shared layers, tied weights) are summed per example
-before squaring, so the result is exactly the sum over examples of squared per-example gradients.
+before squaring, so the result is exactly the sum over examples of squared per-example gradients. Each call's
+inputs and output-gradient are dropped once used, so the pass never holds every layer's output-gradient at once.
 """
 
 from __future__ import annotations
@@ -162,23 +163,26 @@ class Call:
     params: list[tuple[str, str]]  # (attribute on the module, canonical parameter name)
     args: tuple
     kwargs: dict
-    output: torch.Tensor
-    delta: Optional[torch.Tensor] = field(default=None)
+    delta: Optional[torch.Tensor] = field(default=None)  # the output-gradient, once the backward reaches it
 
 
 class CallRecorder:
     """Hooks every module owning one of `params` and records its calls while `recording(batch)` is active.
 
-    An output shared by all examples (batch dimension 1, e.g. position embeddings) is handed on expanded to the
-    batch, which changes no value downstream but gives each example its own output-gradient. Parameters of a module
-    whose output has no batch dimension at all (T5's relative attention bias) are listed in `unbatched`: their
-    per-example gradients cannot be had from one backward pass.
+    Each recorded output is handed on as `output + anchor`, where `anchor` is a zero scalar leaf: the same values,
+    but a backward to the anchor alone reaches every recorded output without computing any parameter's gradient
+    (see `backward`). An output shared by all examples (batch dimension 1, e.g. position embeddings) is handed on
+    expanded to the batch, which gives each example its own output-gradient. Parameters of a module whose output
+    has no batch dimension at all (T5's relative attention bias) are listed in `unbatched`: their per-example
+    gradients cannot be had from one backward pass.
     """
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
         name_of = {id(p): name for name, p in params.items()}
         self.calls: list[Call] = []
         self._batch = 0
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+        self._arrived = None
         self._handles = []
         self.hooked_parameters: set[str] = set()
         self.unbatched: set[str] = set()
@@ -197,14 +201,19 @@ class CallRecorder:
             if output.dim() == 0 or output.shape[0] != self._batch:
                 self.unbatched.update(name for _, name in owned)
                 return None
-            self.calls.append(Call(module, owned, args, kwargs, output))
-            return output
+            call = Call(module, owned, args, kwargs)
+            self.calls.append(call)
+            anchor = self._anchors.setdefault(output.device, torch.zeros((), device=output.device, requires_grad=True))
+            anchored = output + anchor
+            anchored.register_hook(lambda delta: self._arrived(call, delta))
+            return anchored
 
         return hook
 
     @contextlib.contextmanager
     def recording(self, batch: int):
         self.calls = []
+        self._anchors = {}
         self._batch = batch
         try:
             yield
@@ -215,14 +224,44 @@ class CallRecorder:
         for handle in self._handles:
             handle.remove()
 
-    def contributions(self, wanted: set[str]):
-        """Yield (parameter name, per-example gradients of each call) one parameter at a time, bounding memory."""
+    def backward(self, loss: torch.Tensor, wanted: set[str], accumulate, last: bool) -> None:
+        """Backpropagate `loss` through the recorded calls; `accumulate(name, per-example gradients of each call)`
+        takes each wanted parameter as soon as all its calls' output-gradients have arrived (a call the loss does
+        not reach gives none). On the `last` backward of these calls, each call's inputs are dropped once used."""
         uses: dict[str, list[tuple[Call, str]]] = {}
         for call in self.calls:
-            if call.delta is not None:
-                for attr, name in call.params:
-                    if name in wanted:
-                        uses.setdefault(name, []).append((call, attr))
-        for name, calls in uses.items():
-            with torch.no_grad():
-                yield name, [_rule(c.module)(c.module, attr, c.args, c.kwargs, c.delta) for c, attr in calls]
+            call.delta = None
+            for attr, name in call.params:
+                if name in wanted:
+                    uses.setdefault(name, []).append((call, attr))
+        waiting = {name: len(calls) for name, calls in uses.items()}
+        open_params = {id(call): sum(name in wanted for _, name in call.params) for call in self.calls}
+
+        def finish(name: str) -> None:
+            done = [(call, attr) for call, attr in uses[name] if call.delta is not None]
+            del waiting[name]
+            if done:
+                with torch.no_grad():
+                    accumulate(name, [_rule(c.module)(c.module, attr, c.args, c.kwargs, c.delta) for c, attr in done])
+            for call, _ in uses[name]:
+                open_params[id(call)] -= 1
+                if not open_params[id(call)]:
+                    call.delta = None
+                    if last:
+                        call.args, call.kwargs = (), {}
+
+        def arrived(call: Call, delta: torch.Tensor) -> None:
+            call.delta = delta
+            for _, name in call.params:
+                if name in waiting:
+                    waiting[name] -= 1
+                    if not waiting[name]:
+                        finish(name)
+
+        self._arrived = arrived
+        try:
+            torch.autograd.grad(loss, list(self._anchors.values()), retain_graph=not last, allow_unused=True)
+        finally:
+            self._arrived = None
+        for name in list(waiting):  # parameters some of whose calls the loss does not reach
+            finish(name)

@@ -259,3 +259,59 @@ def test_a_bfloat16_model_is_scored_vectorised_and_close_to_its_float32_scores()
     for name in full:
         top = full[name].abs().max()
         assert (low[name].float() - full[name]).abs().max() <= 0.1 * top + 1e-12, name
+
+
+def test_each_parameter_is_squared_during_the_backward_not_after_it(monkeypatch):
+    """Streaming: when a parameter's per-example gradients are squared, the output-gradients of the layers the
+    backward has not reached yet do not exist, and those already used are dropped: a few are alive at once, not
+    one per layer."""
+    model = tiny_llama()
+    batches = lm_batches()
+    alive, recorders = [], []
+    original_init = per_example.CallRecorder.__init__
+
+    def keep(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        recorders.append(self)
+
+    original_rule = per_example._rule
+
+    def counting_rule(module):
+        alive.append(sum(call.delta is not None for call in recorders[-1].calls))
+        return original_rule(module)
+
+    monkeypatch.setattr(per_example.CallRecorder, "__init__", keep)
+    monkeypatch.setattr(per_example, "_rule", counting_rule)
+    scores = compute_fisher(model, batches, num_samples=8, chunk_size=4)
+    assert len(alive) >= len(list(model.parameters()))  # every parameter squared at least once
+    assert max(alive) <= 3  # the tied embedding/lm_head pair and the call being scored
+    assert_scores_close(scores, reference_fisher(model, batches))
+
+
+class InPlaceModel(nn.Module):
+    """Scales `a`'s output in place after the call, as some models do with their hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        hidden = self.a(x)
+        hidden.mul_(3.0)
+        logits = self.b(torch.tanh(hidden))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return type("Output", (), {"logits": logits, "loss": loss})()
+
+
+def test_an_output_changed_in_place_after_its_module_is_scored_vectorised_and_exactly():
+    """The output-gradient is taken at the module's own output, before the model's later in-place change."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = InPlaceModel()
+    batches = [{"x": torch.randn(6, 4), "labels": torch.randint(0, 3, (6,))} for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loop fallback warns
+        scores = compute_fisher(model, batches, num_samples=12, chunk_size=3)
+    assert_scores_close(scores, reference_fisher(model, batches))
