@@ -1,10 +1,12 @@
-"""Where a mask landed: the fraction of each module's weights selected, by transformer layer.
+"""Where a mask landed: the fraction of each module's weights selected, and each module's share of the mask, by
+transformer layer.
 
 `mask_by_layer` groups parameter names by layer index (the number in `bert.encoder.layer.3.attention.self.query.weight`,
 `transformer.h.3.mlp.c_fc.weight`, `model.layers.3.self_attn.q_proj.weight`) and by module kind (the name after that
 number, e.g. `attention.self.query.weight`). Parameters outside the numbered layers get their own columns, named by
 the first part of their name below the model's root (`embeddings`, `wte`, `embed_tokens`, `pooler`, `ln_f`, `norm`):
-embedding-like ones to the left of the layers, the rest to the right. `plot_mask` draws that table as a heatmap.
+embedding-like ones to the left of the layers, the rest to the right. `plot_mask` draws that table as heatmaps;
+`plot_masks` draws several methods' masks on shared colour scales.
 
 matplotlib is imported only by `plot_mask`; it is not a dependency of the rest of fish-peft.
 """
@@ -34,9 +36,17 @@ class _Layout:
     selected: dict[tuple[str, str], int] = field(default_factory=dict)
     size: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def fractions(self) -> dict[str, dict[str, float]]:
+    def fractions(self, of: str = "module") -> dict[str, dict[str, float]]:
+        """Per cell, the selected entries over the cell's own entries (`of="module"`) or over all selected ones
+        (`of="budget"`: where the mask's k went)."""
+        if of not in ("module", "budget"):
+            raise ValueError(f"of must be 'module' or 'budget', got {of!r}.")
+        whole = max(self.num_selected, 1)
         return {
-            row: {col: self.selected[row, col] / self.size[row, col] for col in self.columns if (row, col) in self.size}
+            row: {
+                col: self.selected[row, col] / (self.size[row, col] if of == "module" else whole)
+                for col in self.columns if (row, col) in self.size
+            }
             for row in self.rows
         }
 
@@ -134,8 +144,11 @@ def _layout(mask: FishMask, shapes: Mapping[str, Sequence[int]] | None = None) -
     return layout
 
 
-def mask_by_layer(mask: FishMask, shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, float]]:
-    """{module kind: {layer label: fraction of its entries selected}}, the data `plot_mask` draws.
+def mask_by_layer(
+    mask: FishMask, shapes: Mapping[str, Sequence[int]] | None = None, of: str = "module"
+) -> dict[str, dict[str, float]]:
+    """{module kind: {layer label: fraction of its entries selected}}, the data `plot_mask` draws; with
+    `of="budget"`, each cell's share of the mask's selected entries instead (the cells sum to 1).
 
     Layer labels are the layer numbers as strings ("0", "1", ...; "encoder.0", "decoder.0" for a model with several
     layer stacks) and, for parameters outside the numbered layers, the first part of their name below the model's
@@ -146,7 +159,7 @@ def mask_by_layer(mask: FishMask, shapes: Mapping[str, Sequence[int]] | None = N
     `{n: tuple(p.shape) for n, p in base_model.named_parameters()}`, names as the mask spells them) to also show the
     parameters it left out, as 0. The mask's head (`mask.modules_to_save`, trained in full) is left out either way.
     """
-    return _layout(mask, shapes).fractions()
+    return _layout(mask, shapes).fractions(of)
 
 
 def _colorbar_ticks(vmin: float, vmax: float) -> list[float]:
@@ -173,43 +186,43 @@ def _percent(fraction: float) -> str:
     return f"{value:.2g}"
 
 
-def plot_mask(
-    mask: FishMask,
-    path: str,
-    title: str | None = None,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-) -> None:
-    """Write a PNG heatmap of `mask_by_layer(mask, shapes)`: rows are module kinds, columns layers, colour the
-    fraction selected on a log scale. Parameters the mask left out (known only through `shapes`) are grey, cells
-    without a parameter blank. The subtitle gives k and the density. The file is replaced atomically."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap, LogNorm
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+MEASURES = {
+    "module": "selected (% of the module)",
+    "budget": "share of the mask (% of k)",
+}
 
-    layout = _layout(mask, shapes)
-    data = layout.fractions()
-    rows, cols = layout.rows, layout.columns
-    values = np.full((len(rows), len(cols)), np.nan)
-    for i, row in enumerate(rows):
-        for j, col in enumerate(cols):
+
+def _values(layout: _Layout, of: str):
+    """The layout's table of `of` measures as an array (NaN where no parameter is)."""
+    import numpy as np
+
+    data = layout.fractions(of)
+    values = np.full((len(layout.rows), len(layout.columns)), np.nan)
+    for i, row in enumerate(layout.rows):
+        for j, col in enumerate(layout.columns):
             if col in data[row]:
                 values[i, j] = data[row][col]
+    return values
 
-    positive = values[values > 0]
+
+def _log_norm(tables):
+    """One log colour scale over the positive values of all `tables`."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    positive = np.concatenate([t[t > 0] for t in tables]) if tables else np.array([])
     vmax = float(positive.max()) if positive.size else 1.0
     vmin = float(positive.min()) if positive.size else vmax / 10
-    if vmin >= vmax:
-        vmin = vmax / 10
-    norm = LogNorm(vmin=vmin, vmax=vmax)
+    return LogNorm(vmin=min(vmin, vmax / 10) if vmin >= vmax else vmin, vmax=vmax)
 
-    width = min(30.0, 3.5 + 0.42 * max(len(cols), 1) + 0.07 * max((len(r) for r in rows), default=0))
-    height = min(30.0, 1.9 + 0.3 * max(len(rows), 1))
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
 
+def _draw(fig, ax, layout: _Layout, values, norm, label: str) -> None:
+    """One heatmap: rows module kinds, columns layers; grey where nothing was selected, blank where no parameter is."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rows, cols = layout.rows, layout.columns
     if len(rows) and len(cols):
         zeros = np.where(values == 0, 1.0, np.nan)
         ax.imshow(zeros, cmap=ListedColormap(["#d0d0d0"]), aspect="auto", interpolation="nearest")
@@ -217,35 +230,44 @@ def plot_mask(
             np.ma.masked_where(~(values > 0), values), cmap="viridis", norm=norm, aspect="auto", interpolation="nearest"
         )
         cbar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-        cbar.set_label("selected (%)")
-        cbar.set_ticks(_colorbar_ticks(vmin, vmax))
+        cbar.set_label(label, fontsize=8)
+        cbar.set_ticks(_colorbar_ticks(norm.vmin, norm.vmax))
         cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _percent(v)))
         cbar.ax.yaxis.set_minor_formatter(NullFormatter())
-
         if len(cols) <= 30 and len(rows) <= 40:
             fontsize = 6.5 if len(cols) <= 16 else 5.5
-            for i in range(len(rows)):
-                for j in range(len(cols)):
-                    v = values[i, j]
-                    if np.isnan(v):
-                        continue
+            for (i, j), v in np.ndenumerate(values):
+                if not np.isnan(v):
                     dark = v > 0 and norm(v) < 0.6
-                    color = "white" if dark else "black"
-                    ax.text(j, i, _percent(v), ha="center", va="center", fontsize=fontsize, color=color)
-
+                    ax.text(j, i, _percent(v), ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
         for boundary in (layout.num_left, len(cols) - layout.num_right):
             if 0 < boundary < len(cols):
                 ax.axvline(boundary - 0.5, color="black", linewidth=1.2)
-
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, fontsize=8)
-    for label in ax.get_xticklabels():
-        label.set_rotation(90 if len(label.get_text()) > 3 else 0)
+    for tick in ax.get_xticklabels():
+        tick.set_rotation(90 if len(tick.get_text()) > 3 else 0)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(rows, fontsize=8)
     ax.set_xlabel("layer")
     ax.tick_params(length=0)
 
+
+def _figure(layouts: list[_Layout], panels: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = max(len(layout.columns) for layout in layouts)
+    rows = max(len(layout.rows) for layout in layouts)
+    names = max((len(r) for layout in layouts for r in layout.rows), default=0)
+    width = min(30.0, 3.5 + 0.42 * max(cols, 1) + 0.07 * names)
+    height = min(60.0, panels * (1.9 + 0.3 * max(rows, 1)))
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _subtitle(mask: FishMask, layout: _Layout, shapes) -> str:
     k, entries = layout.num_selected, layout.num_entries
     density = k / entries if entries else 0.0
     of_what = "entries of the parameters shown" if shapes is not None else "entries of the masked parameters"
@@ -255,14 +277,54 @@ def plot_mask(
         subtitle += f"; {k / total * 100:.3g} % of all {total:,} parameters"
     if mask.modules_to_save:
         subtitle += f"\nhead trained in full, not shown: {', '.join(mask.modules_to_save)}"
+    return subtitle
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def plot_mask(
+    mask: FishMask,
+    path: str,
+    title: str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> None:
+    """Write a PNG of `mask_by_layer(mask, shapes)` in two heatmaps, rows module kinds and columns layers, on log
+    colour scales: the fraction of each module's weights selected, then each module's share of the mask's k entries
+    (where the budget went). Parameters the mask left out (known only through `shapes`) are grey, cells without a
+    parameter blank. The subtitle gives k and the density. The file is replaced atomically."""
+    layout = _layout(mask, shapes)
+    fig = _figure([layout], panels=2)
     if title is None:
         method = mask.info.get("method")
         keep = mask.info.get("keep_ratio")
-        title = "Fraction of each module's weights in the mask"
+        title = "Where the mask landed"
         if method:
             title += f" ({method}" + (f", keep ratio {keep:g})" if isinstance(keep, (int, float)) else ")")
-    ax.set_title(f"{title}\n{subtitle}", fontsize=9, loc="left")
-    fig.tight_layout()
+    for panel, (of, label) in enumerate(MEASURES.items()):
+        ax = fig.add_subplot(2, 1, panel + 1)
+        values = _values(layout, of)
+        _draw(fig, ax, layout, values, _log_norm([values]), label)
+        ax.set_title(f"{title}\n{_subtitle(mask, layout, shapes)}" if panel == 0 else label, fontsize=9, loc="left")
+    _save(fig, path)
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+
+def plot_masks(masks: Mapping[str, FishMask], path: str, shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Several methods' masks in one PNG, a row of two heatmaps each (fraction of each module selected, share of
+    k), every column on one colour scale across the methods, so their colours compare."""
+    if not masks:
+        raise ValueError("plot_masks needs at least one mask.")
+    layouts = {name: _layout(mask, shapes) for name, mask in masks.items()}
+    tables = {of: {name: _values(layout, of) for name, layout in layouts.items()} for of in MEASURES}
+    norms = {of: _log_norm(list(tables[of].values())) for of in MEASURES}
+    fig = _figure(list(layouts.values()), panels=len(masks))
+    fig.set_figwidth(min(60.0, 2 * fig.get_figwidth()))
+    for row, (name, layout) in enumerate(layouts.items()):
+        for col, (of, label) in enumerate(MEASURES.items()):
+            ax = fig.add_subplot(len(masks), 2, 2 * row + col + 1)
+            _draw(fig, ax, layout, tables[of][name], norms[of], label)
+            ax.set_title(f"{name}: {label}\n{_subtitle(masks[name], layout, shapes)}", fontsize=9, loc="left")
+    _save(fig, path)

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from fish_peft import FishMask
-from fish_peft.hub.mask_plot import mask_by_layer, plot_mask
+from fish_peft.hub.mask_plot import mask_by_layer, plot_mask, plot_masks
 from fish_peft.cli.recipe import Recipe
 from fish_peft.cli.tasks import dataset_name
 from fish_peft.hub.model_card import RECIPE_KEY_APPLIES, is_hub_id, model_card, render_model_card
@@ -77,6 +77,26 @@ def test_plot_mask_writes_a_png(tmp_path):
     data = path.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     assert [p.name for p in path.parent.iterdir()] == ["mask.png"]  # no temporary file left behind
+
+
+def test_each_module_share_of_the_budget_shows_where_k_went():
+    """The pooler's one 8x8 matrix holds 64 of the 191 entries: 34 % of the budget, though it is 1 parameter of the 12 shown."""
+    shares = mask_by_layer(bert_mask(), shapes=BERT_SHAPES, of="budget")
+    k = sum(BERT_COUNTS.values())
+    assert shares["dense.weight"] == {"pooler": 64 / k}
+    assert shares["attention.self.query.weight"] == {"0": 32 / k, "1": 16 / k, "2": 1 / k}
+    assert sum(v for row in shares.values() for v in row.values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="module.*budget"):
+        mask_by_layer(bert_mask(), of="parameters")
+
+
+def test_plot_masks_puts_several_methods_in_one_png(tmp_path):
+    other = hand_mask({name: 1 for name in BERT_COUNTS}, BERT_SHAPES, modules_to_save=["classifier"])
+    path = tmp_path / "masks.png"
+    plot_masks({"fish": bert_mask(), "random": other}, str(path), shapes=BERT_SHAPES)
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError, match="at least one"):
+        plot_masks({}, str(tmp_path / "none.png"))
 
 
 @pytest.mark.parametrize(
