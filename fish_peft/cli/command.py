@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from fish_peft.cli.lr_search import DEFAULT_LR_GRIDS, SPARSE_LR_GRID, TUNING_FOLDER, show_lr
 from fish_peft.cli.recipe import METHODS, Recipe, SparseRecipe, load_recipe, parse_overrides
-from fish_peft.cli.recipe_keys import describe_keys
+from fish_peft.cli.recipe_keys import convert_value, describe_keys
 from fish_peft.cli.sft_recipe import SFTRecipe
 
 # Only the standard library and fish_peft.cli.recipe load before the arguments are parsed: `--help` needs no torch.
@@ -60,6 +61,7 @@ def _command(commands, name: str, handler: Callable, help: str, recipe_cls: Opti
     command = commands.add_parser(
         name, help=help, description=inspect.cleandoc(handler.__doc__),
         epilog=keys_help(recipe_cls, sft) if recipe_cls else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # recipe keys pass through: --lr is no --lr-grid, --seed no --seeds, --method no --methods
     )
     command.set_defaults(handler=handler)
     return command
@@ -84,7 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare = _command(commands, "compare", compare_command, "run several methods and tabulate them", sft=True)
     compare.add_argument("recipe")
     compare.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: the recipe's `methods`)")
-    compare.add_argument("--overwrite", action="store_true")
+    grids = ", ".join(f"{method} {':'.join(map(show_lr, grid))}" for method, grid in DEFAULT_LR_GRIDS.items())
+    compare.add_argument(
+        "--lr-grid", action="store_true", default=None,
+        help="each method first chooses its learning rate from a grid (lr_grid_by_method, else a default grid: "
+        f"{grids}; the sparse methods {':'.join(map(show_lr, SPARSE_LR_GRID))}), every point trained on the "
+        "training data but a held-out tuning split (tuning_share, default 0.1) and scored on it, never on the "
+        "validation split; the chosen one then trains on all the training data (recipe key lr_grid). The grid's runs "
+        f"go to OUTPUT_DIR/{TUNING_FOLDER}/METHOD/lr=LR",
+    )
+    compare.add_argument(
+        "--seeds", help="comma-separated seeds every method runs with, e.g. 0,1,2: the table shows mean ± std over "
+        "them and the runs go to OUTPUT_DIR/seed=SEED/METHOD (recipe key seeds; default: the recipe's seed)",
+    )
+    compare.add_argument("--overwrite", action="store_true", help="run a comparison in its folder again (its own files; yours stay)")
 
     sparse = _command(
         commands, "sparse-train", sparse_train_command, "train a network from scratch with Top-KAST or sparse momentum",
@@ -172,11 +187,22 @@ def eval_command(args, overrides) -> int:
 
 
 def compare_command(args, overrides) -> int:
-    """Run the recipe once per method on the same data, loop and evaluation, each at its own learning rate
-    (`lr_by_method`), and write comparison.md and comparison.json into output_dir."""
+    """Run the recipe once per method (and per seed of --seeds) on the same data, loop and evaluation, each at its
+    own learning rate: from `lr_by_method`, or with --lr-grid the best of a grid on a tuning split held out of the
+    training data. Write comparison.md (an aligned table with mean ± std, the best method and whether its lead is
+    larger than the noise, what the columns mean and where the files went) and comparison.json into output_dir,
+    and print comparison.md."""
     from fish_peft.cli.comparison import compare
 
     recipe = load_recipe(args.recipe, overrides)
+    if args.lr_grid or args.seeds is not None:
+        if isinstance(recipe, SFTRecipe):
+            raise ValueError("--lr-grid and --seeds take classification recipes; an SFT recipe compares its methods at "
+                             "their lr_by_method values, with one seed.")
+        seeds = recipe.seeds if args.seeds is None else convert_value("seeds", args.seeds, Optional[list[int]])
+        recipe = dataclasses.replace(recipe, lr_grid=recipe.lr_grid or args.lr_grid is True, seeds=seeds)
+    if getattr(recipe, "lr_grid", False) and {"lr", "learning_rate"} & overrides.keys():
+        raise ValueError("--lr-grid chooses each method's learning rate; drop --lr / --learning-rate, or --lr-grid.")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(recipe.methods)
     recipe = dataclasses.replace(recipe, methods=methods)
     table = compare(recipe, overwrite=args.overwrite)

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from fish_peft.cli.lr_search import TUNING_FOLDER
 from fish_peft.cli.recipe import METHODS
 from fish_peft.cli.resume import CHECKPOINTS, RUN_MASK, RUN_RECIPE
 
@@ -26,11 +27,11 @@ class FolderKind:
     """One kind of output folder: the command that writes it, what marks a folder as one, and what it writes."""
 
     what: str  # "a run of `fish-peft train`", for messages
-    markers: tuple[str, ...]  # relative paths only this kind writes; any of them marks a folder as this kind
+    markers: tuple[str, ...]  # relative paths (or glob patterns) only this kind writes; any marks a folder as this kind
     files: tuple[str, ...]  # glob patterns (relative paths) of everything the command writes into its folder
 
     def found_in(self, folder: Path) -> bool:
-        return any((folder / marker).exists() for marker in self.markers)
+        return any(any(folder.glob(m)) if _pattern(m) else (folder / m).exists() for m in self.markers)
 
     def owns(self, relative: str) -> bool:
         """Whether the entry at `relative` (a path inside the folder, "a/b") is one this kind writes."""
@@ -57,8 +58,11 @@ RUN = FolderKind(
 )
 COMPARISON = FolderKind(
     "a comparison of `fish-peft compare`",
-    markers=("comparison.json", "comparison.md", *(f"{m}/{marker}" for m in METHODS for marker in RUN.markers)),
-    files=("comparison.json", "comparison.md", *METHODS),  # a method's folder is a run, replaced as runs are
+    # a method's run: in METHOD/ (one seed), seed=SEED/METHOD/ (several), tuning/METHOD/lr=LR/ (--lr-grid's grid)
+    markers=("comparison.json", "comparison.md", *(f"{where}/{marker}" for m in METHODS for marker in RUN.markers
+                                                   for where in (m, f"seed=*/{m}", f"{TUNING_FOLDER}/{m}/lr=*"))),
+    # a method's folder is a run, replaced as runs are
+    files=("comparison.json", "comparison.md", *METHODS, "seed=*", TUNING_FOLDER),
 )
 MASK = FolderKind(
     "a mask of `fish-peft mask`",
@@ -71,6 +75,10 @@ SPARSE_RUN = FolderKind(  # written by `fish-peft sparse-train`; named here so t
     files=("sparse_model.safetensors", "model.safetensors", "results.json", f"{CHECKPOINTS}"),
 )
 KINDS = (COMPARISON, RUN, MASK, SPARSE_RUN)
+
+
+def _pattern(marker: str) -> bool:
+    return any(c in marker for c in "*?[")
 
 
 def visible_entries(folder: Path) -> list[str]:

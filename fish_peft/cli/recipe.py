@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fish_peft.cli.recipe_base import (
-    DISTRIBUTIONS, FISHER_TYPES, MASK_UPDATES, METHODS, SAVE_DTYPES, SELECTIONS, SET_BY_RUN, SPARSE_TRAINING_METHODS,
-    TRAINING_ALIASES, TRAINING_DEFAULTS, Seeded, TrainedByMethod,
+    COMPARED_BY_DEFAULT, DISTRIBUTIONS, FISHER_TYPES, MASK_UPDATE_METHODS, MASK_UPDATES, METHODS, SAVE_DTYPES,
+    SELECTIONS, SET_BY_RUN, SPARSE_TRAINING_METHODS, TRAINING_ALIASES, TRAINING_DEFAULTS, Seeded, TrainedByMethod,
 )
 from fish_peft.cli.recipe_keys import check_at_least, check_choices, convert_value, key
 from fish_peft.cli.sft_recipe import SFT_TASK, SFTRecipe
+
+TUNING_SPLIT = "tuning"  # the split `evaluate_on: tuning` holds out of the training examples (tuning_split.py)
+EVALUATED_ON = ("validation", TUNING_SPLIT)
+
 
 @dataclass
 class Recipe(Seeded, TrainedByMethod):
@@ -27,8 +31,9 @@ class Recipe(Seeded, TrainedByMethod):
                     "shipped demo data), custom (your train_file and validation_file), or sft: a causal LM's supervised "
                     "fine-tuning, whose keys `fish-peft train --help` lists")
     model: str = key("bert-large-cased-whole-word-masking", "Hub id or local folder of the pretrained model")
-    method: str = key("fish", "what trains: a FISH mask, a random mask of the same size, every weight, LoRA, or "
-                      "the biases (BitFit)", METHODS)
+    method: str = key("fish", "what trains: a FISH mask, a random mask of the same size, every weight, LoRA, "
+                      "the biases (BitFit), or at FISH's budget LoRA (lora_matched), PEFT's SHiRA (shira) and "
+                      "Super-Tuning (supertuning) on every Linear layer, or SHiRA on FISH's mask (shira_fish)", METHODS)
     keep_ratio: float = key(0.005, "share of all parameters the mask may change, the task head included")
     num_samples: int = key(1024, "examples whose per-example gradients make the Fisher scores")
     fisher: str = key("empirical", "Fisher at the gold label (empirical) or weighted by the model's predictions "
@@ -60,7 +65,24 @@ class Recipe(Seeded, TrainedByMethod):
     max_train_samples: Optional[int] = key(None, "use only the first N training examples")
     max_eval_samples: Optional[int] = key(None, "use only the first N validation examples")
     save_dtype: Optional[str] = key(None, "dtype of the saved FISH diff values (none: the model's)", SAVE_DTYPES)
-    methods: list[str] = key(list(METHODS), "the methods `fish-peft compare` runs", METHODS)
+    methods: list[str] = key(list(COMPARED_BY_DEFAULT), "the methods `fish-peft compare` runs", METHODS)
+    lr_grid: bool = key(False, "compare: each method first chooses its learning rate from its grid "
+                        "(lr_grid_by_method, else a default grid for the method), each trained on the training "
+                        "examples but a held-out tuning split (tuning_share) and scored there, never on the validation "
+                        "split; then it trains at the chosen one on all the training examples")
+    lr_grid_by_method: dict[str, list[float]] = key({}, "each method's learning rates to choose from with lr_grid, as "
+                                                    "fish=1e-3:2e-3:5e-3,full=2e-5:5e-5 (a method not named: its "
+                                                    "default grid)", METHODS)
+    batch_size_grid_by_method: dict[str, list[int]] = key({}, "each method's batch sizes to choose from with lr_grid, "
+                                                          "each tried at every learning rate of its grid, as "
+                                                          "fish=16:32 (a method not named: its batch size)", METHODS)
+    tuning_share: float = key(0.1, "share of the training examples (after max_train_samples) held out as the tuning "
+                              "split, drawn with the seed and stratified by label, that lr_grid scores on")
+    evaluate_on: str = key("validation", "what a run is scored on: the task's validation split(s), or tuning: the "
+                           "tuning split, with the rest of the training examples trained on (what lr_grid's tuning "
+                           "runs do)", EVALUATED_ON)
+    seeds: Optional[list[int]] = key(None, "compare: the seeds every method runs with, as 0,1,2; the table shows the "
+                                     "mean and std over them, and lr_grid chooses once, on the first (none: just seed)")
     lr_by_method: dict[str, float] = key({}, "each method's own learning rate (beats learning_rate unless "
                                          "--learning-rate or --lr is given)", METHODS)
     batch_size_by_method: dict[str, int] = key({}, "each method's own batch size (beats "
@@ -76,8 +98,11 @@ class Recipe(Seeded, TrainedByMethod):
 
     def __post_init__(self):
         check_choices(self)
-        if self.mask_update is not None and self.method in ("full", "lora"):
-            raise ValueError(f"Recipe: mask_update moves a sparse mask; method {self.method!r} has none (use fish or random).")
+        if self.mask_update is not None and self.method not in MASK_UPDATE_METHODS:
+            raise ValueError(
+                f"Recipe: mask_update moves a FISH sparse diff's mask; method {self.method!r} has none to move (use "
+                "fish or random)."
+            )
         check_at_least(self, 1, "num_samples", "max_length", "lora_r", "update_every", "merge_every", "recompute_every")
         self._check_merging()
         self.training = {**TRAINING_DEFAULTS, **self.training}
@@ -94,6 +119,23 @@ class Recipe(Seeded, TrainedByMethod):
                 f"Recipe: lr_by_method values must be positive and batch_size_by_method values at least 1, got "
                 f"{self.lr_by_method} and {self.batch_size_by_method}."
             )
+        self._check_tuning()
+
+    def _check_tuning(self) -> None:
+        """lr_grid's grids, tuning split and seeds, refused before any data loads."""
+        for name, kind in (("lr_grid_by_method", float), ("batch_size_grid_by_method", int)):
+            grids = getattr(self, name)
+            for method, grid in grids.items():
+                grids[method] = grid = [_read(v, kind) for v in grid] if isinstance(grid, (list, tuple)) else grid
+                if not isinstance(grid, list) or not grid or not all(_number(v, kind) and v > 0 for v in grid):
+                    what = "positive learning rates" if kind is float else "batch sizes of at least 1"
+                    raise ValueError(f"Recipe: {name} gives {method} the grid {grid!r}; a grid is a non-empty list of {what}.")
+        if not 0 < self.tuning_share < 1:
+            raise ValueError(f"Recipe: tuning_share is the share of the training examples held out, between 0 and 1 (both "
+                             f"excluded), got {self.tuning_share}.")
+        if self.seeds is not None:
+            if not self.seeds or not all(_number(s, int) for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"Recipe: seeds is a list of distinct whole numbers, such as 0,1,2; got {self.seeds!r}.")
 
     def _check_merging(self) -> None:
         if self.merge_every is None:
@@ -101,6 +143,19 @@ class Recipe(Seeded, TrainedByMethod):
                 raise ValueError("Recipe: recompute_every and mask_sharing belong to merged training; set merge_every too.")
         elif self.method != "fish" or self.mask_update is not None:
             raise ValueError("Recipe: merged training (merge_every) trains a fixed FISH mask: method fish, no mask_update.")
+
+
+def _read(value: Any, kind: type) -> Any:
+    """A number YAML left as a string (it reads 1e-3 so) as `kind`; anything else as it is."""
+    try:
+        return kind(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _number(value: Any, kind: type) -> bool:
+    """Whether `value` is a number of `kind` (an int for float too; never a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
 
 
 @dataclass

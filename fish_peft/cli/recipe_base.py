@@ -11,7 +11,9 @@ from typing import Any, Optional
 
 from fish_peft.cli.recipe_keys import key
 
-METHODS = ("fish", "random", "full", "lora", "bitfit")
+METHODS = ("fish", "random", "full", "lora", "bitfit", "lora_matched", "shira", "supertuning", "shira_fish")
+COMPARED_BY_DEFAULT = METHODS[:5]  # what `compare` runs when a recipe names no methods
+MASK_UPDATE_METHODS = ("fish", "random", "bitfit")  # the methods whose support is a FISH sparse diff that can move
 SPARSE_TRAINING_METHODS = ("dense", "static", "sparse_momentum", "topkast")
 # The library's own choices, written out so that --help needs no torch; tests/cli/test_recipes.py checks they agree.
 MASK_UPDATES = (None, "topkast", "sparse_momentum")  # fish_peft.tuner.config.MASK_UPDATES

@@ -46,10 +46,14 @@ def convert_value(name: str, raw: str, annotation: Any) -> Any:
     origin = typing.get_origin(target)
     try:
         if origin is list:
-            return [item.strip() for item in raw.split(",") if item.strip()]
+            return _items(raw, ",", typing.get_args(target)[0])
         if origin is dict:
             value_type = typing.get_args(target)[1]
-            read = _literal if value_type is Any else value_type
+            if typing.get_origin(value_type) is list:  # method=1e-3:2e-3,...
+                item_type = typing.get_args(value_type)[0]
+                read = lambda value: _items(value, ":", item_type)  # noqa: E731
+            else:
+                read = _literal if value_type is Any else value_type
             return {k.strip(): read(v.strip()) for k, v in (pair.split("=") for pair in raw.split(",") if pair)}
         if target is bool:
             return raw.lower() in ("1", "true", "yes")
@@ -58,6 +62,12 @@ def convert_value(name: str, raw: str, annotation: Any) -> Any:
     except ValueError:
         raise ValueError(f"--{name.replace('_', '-')}: cannot read {raw!r} as {type_name(target)}.") from None
     return raw
+
+
+def _items(raw: str, separator: str, item_type: type) -> list:
+    """'0,1,2' -> [0, 1, 2] for a list of ints (strings stay strings)."""
+    items = [item.strip() for item in raw.split(separator) if item.strip()]
+    return [item_type(item) for item in items] if item_type in (int, float) else items
 
 
 def _literal(raw: str) -> Any:
@@ -85,6 +95,9 @@ def type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(target), typing.get_args(target)
     if origin is list:
         name = f"comma-separated {args[0].__name__}s"
+    elif origin is dict and typing.get_origin(args[1]) is list:
+        item = typing.get_args(args[1])[0].__name__
+        name = f"method={item}:{item}:...,..."
     elif origin is dict:
         name = "key=value,..." if args[1] is Any else f"method={args[1].__name__},..."
     else:

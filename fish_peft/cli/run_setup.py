@@ -15,6 +15,7 @@ from fish_peft.cli.demo_data import minilm_path, split_rotten_tomatoes
 from fish_peft.cli.glue_data import load_raw_splits, prepare_splits, tokenize_splits
 from fish_peft.cli.recipe import Recipe
 from fish_peft.cli.tasks import Task, compute_metrics, custom_task, get_task
+from fish_peft.cli.tuning_split import TUNING_SPLIT, hold_out_tuning_split
 
 PACKAGED_MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
@@ -58,7 +59,9 @@ def resolve_model(name: str) -> str:
 
 
 def load_task_splits(recipe: Recipe):
-    """The task and its prepared splits (text columns plus `labels`), checked before any training."""
+    """The task and its prepared splits (text columns plus `labels`), checked before any training. With
+    `evaluate_on: tuning`, the task is scored on a tuning split held out of the training examples (after
+    max_train_samples), and its validation splits are left out."""
     if recipe.task == "rotten_tomatoes":
         task = dataclasses.replace(custom_task(("sentence",), 2), name="rotten_tomatoes", label_names=("negative", "positive"))
         raw = rotten_tomatoes_splits(task)
@@ -75,6 +78,8 @@ def load_task_splits(recipe: Recipe):
     splits = prepare_splits(raw, task, recipe.label_column, recipe.text_columns)
     if recipe.max_train_samples:
         splits["train"] = splits["train"].shuffle(seed=recipe.seed).select(range(min(recipe.max_train_samples, len(splits["train"]))))
+    if recipe.evaluate_on == TUNING_SPLIT:  # scored on training examples held out: the validation data stays unseen
+        return hold_out_tuning_split(splits, task, recipe.tuning_share, recipe.seed)
     if recipe.max_eval_samples:
         for split in validation_splits(task, splits):
             splits[split] = splits[split].select(range(min(recipe.max_eval_samples, len(splits[split]))))

@@ -171,6 +171,13 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> 
     return scores
 
 
+def main_metric(metrics: Sequence[str]) -> tuple[str, bool]:
+    """The metric a comparison ranks runs by, among the names of a run's `metrics`, and whether higher is better: the
+    task's first (in GLUE's order: accuracy before F1, Pearson before Spearman), else the loss (an SFT run's)."""
+    name = next((name for name in METRICS if name in metrics), None)
+    return (name, True) if name else ("loss", False)
+
+
 DEMO_DATASET = "vaderSentiment 3.3.2 movie-review sentences (shipped with fish-peft)"
 """The data of task ``rotten_tomatoes``: fish_peft/data's copy, not the Hub dataset of the same name."""
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from fish_peft.cli.averaged_training import own_share
 from fish_peft.cli.output_folders import RUN, check_output_folder, remove_owned
+from fish_peft.cli.peft_baselines import BUDGET_METHODS, budget_matched_model, linear_mask, prepare_to_save
 from fish_peft.cli.recipe import Recipe, load_recipe
 from fish_peft.cli.resume import CHECKPOINTS, interrupted, remember_mask, remember_recipe, resume_point, run_mask
 from fish_peft.cli.run_output import run_results, strip_prefix, write_run_folder
@@ -76,6 +77,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> dict[s
     )
     trained = loop.train(trainer, checkpoint)
     results = run_results(recipe, setup, model, trainer, trained, fisher_seconds)
+    prepare_to_save(recipe, model)
     write_run_folder(out, recipe, setup.task.name, model, trained.mask, results, started)
     return results
 
@@ -100,21 +102,22 @@ def check_output_dir(out: Path, overwrite: bool, elsewhere: str) -> None:
 def starting_mask(recipe: Recipe, setup: Setup, out: Path, checkpoint: Optional[Path]) -> tuple[Optional[FishMask], Optional[float]]:
     """The mask the run starts with (None for lora and full), and the seconds its Fisher took (fish). A resumed run
     takes the mask its interrupted run started with: the checkpoint's adapter loads onto it."""
-    if checkpoint is not None and recipe.method in SPARSE_DIFF_METHODS:
+    if checkpoint is not None and recipe.method in (*SPARSE_DIFF_METHODS, "shira_fish"):
         return run_mask(out), None
     started = time.perf_counter()
     mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
-    return mask, time.perf_counter() - started if recipe.method == "fish" else None
+    return mask, time.perf_counter() - started if recipe.method in ("fish", "shira_fish") else None
 
 
 def method_mask(recipe: Recipe, model, train_dataset, collator) -> Optional[FishMask]:
-    """The sparse support of the sparse methods (None for lora and full)."""
-    if recipe.method == "fish":
-        return compute_fisher_mask(
+    """The sparse support of the sparse methods (None for lora and full); shira_fish's is FISH's on Linear weights."""
+    if recipe.method in ("fish", "shira_fish"):
+        mask = compute_fisher_mask(
             model, fisher_loader(recipe, train_dataset, collator), recipe.keep_ratio, recipe.num_samples,
             selection=recipe.selection, eligible=recipe.eligible, fisher=recipe.fisher, progress=True,
             per_process=recipe.merge_every is not None and recipe.mask_sharing == "individual",
         )
+        return linear_mask(model, mask) if recipe.method == "shira_fish" else mask
     if recipe.method == "random":
         return random_mask(model, recipe.keep_ratio, seed=recipe.seed, selection=recipe.selection, eligible=recipe.eligible)
     if recipe.method == "bitfit":
@@ -131,9 +134,12 @@ def fisher_loader(recipe: Recipe, train_dataset, collator) -> DataLoader:
 
 
 def apply_method(recipe: Recipe, model, mask: Optional[FishMask]):
-    """Wrap the model for its method: a FISH sparse diff, a LoRA adapter, or plain full fine-tuning."""
+    """Wrap the model for its method: a FISH sparse diff, a LoRA adapter, a PEFT baseline at FISH's budget
+    (`peft_baselines`), or plain full fine-tuning."""
     from peft import LoraConfig, get_peft_model
 
+    if recipe.method in BUDGET_METHODS:
+        return budget_matched_model(recipe, model, mask)
     if mask is not None:
         config = FishConfig(
             mask=mask, save_dtype=recipe.save_dtype, mask_update=recipe.mask_update, update_every=recipe.update_every,
@@ -200,8 +206,8 @@ def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArgumen
 
 def build_mask_only(recipe: Recipe) -> tuple[FishMask, dict[str, tuple[int, ...]]]:
     """The recipe's mask without training (`fish-peft mask`), and the shapes of all base parameters (for the plot)."""
-    if recipe.method not in ("fish", "random", "bitfit"):
-        raise ValueError(f"method {recipe.method!r} has no mask; use fish, random or bitfit.")
+    if recipe.method not in ("fish", "random", "bitfit", "shira_fish"):
+        raise ValueError(f"method {recipe.method!r} has no mask; use fish, random, bitfit or shira_fish.")
     setup = Setup.from_recipe(recipe)
     with tempfile.TemporaryDirectory() as scratch:
         setup.model.to(training_arguments(recipe, Path(scratch), setup.task).device)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from fish_peft.cli.averaged_training import averaged_mask, train_averaged
 from fish_peft.cli.recipe import Recipe
@@ -52,6 +52,22 @@ class StepTimer(TrainerCallback):
         return sum(self.durations) / len(self.durations) if self.durations else None
 
 
+class NamedProgress(ProgressCallback):
+    """Trainer's progress bar with the run's name (TrainingArguments' run_name: `compare` names each run by its
+    method, and its learning rate or seed) as its description."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(args.run_name)
+
+
+def name_progress_bar(trainer: Trainer) -> None:
+    """Trainer's own progress bar replaced by one that shows `run_name`, when the run has one."""
+    if trainer.args.run_name and trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(NamedProgress)
+
+
 class TrainerLoop:
     """`Trainer.train`, timed, with a checkpoint every `save_steps` as well as every epoch; resumes from Trainer's
     checkpoints."""
@@ -62,6 +78,7 @@ class TrainerLoop:
         self.callbacks = [self.timer, *extra_callbacks] + ([StepCheckpoints(recipe.save_steps)] if recipe.save_steps else [])
 
     def train(self, trainer: Trainer, checkpoint: Optional[Path]) -> Trained:
+        name_progress_bar(trainer)
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         mask = self.final_mask()
         seconds = output.metrics["train_runtime"]

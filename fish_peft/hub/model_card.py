@@ -20,21 +20,26 @@ DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "fish_a
 
 MASK_METHODS = ("fish", "random", "magnitude")  # the methods whose card shows the mask (rule, statistics, table, plot)
 SPARSE_DIFF_METHODS = MASK_METHODS + ("bitfit",)  # saved as fish-peft sparse-diff adapters
-ADAPTER_METHODS = SPARSE_DIFF_METHODS + ("lora",)  # saved as PEFT adapters (the rest: a whole transformers model)
+# PEFT's own tuners at a FISH mask's budget (fish_peft.cli.peft_baselines); shira_fish is SHiRA on a FISH mask
+BUDGET_METHODS = ("lora_matched", "shira", "supertuning", "shira_fish")
+ADAPTER_METHODS = SPARSE_DIFF_METHODS + ("lora",) + BUDGET_METHODS  # saved as PEFT adapters (the rest: a whole model)
 CARD_METHODS = ADAPTER_METHODS + ("full",)  # every method a card can describe
 
 
 # Recipe keys that apply to some runs only, with the test of a recipe (dict) they apply to; every other key applies
 # to every run. The comparison's own keys never apply: the run's learning rate and batch size are already in effect.
 RECIPE_KEY_APPLIES = {
-    **dict.fromkeys(("keep_ratio", "selection", "eligible"), lambda recipe: recipe.get("method") in MASK_METHODS),
-    **dict.fromkeys(("num_samples", "fisher"), lambda recipe: recipe.get("method") == "fish"),
+    "keep_ratio": lambda recipe: recipe.get("method") in MASK_METHODS + BUDGET_METHODS,
+    **dict.fromkeys(("selection", "eligible"), lambda recipe: recipe.get("method") in MASK_METHODS + ("shira_fish",)),
+    **dict.fromkeys(("num_samples", "fisher"), lambda recipe: recipe.get("method") in ("fish", "shira_fish")),
     **dict.fromkeys(("update_every", "prune_rate"), lambda recipe: recipe.get("mask_update") is not None),
     **dict.fromkeys(("exploration", "penalty"), lambda recipe: recipe.get("mask_update") == "topkast"),
     **dict.fromkeys(
         ("merge_reduction", "recompute_every", "mask_sharing"), lambda recipe: recipe.get("merge_every") is not None
     ),
-    **dict.fromkeys(("lora_r", "lora_alpha", "lora_targets"), lambda recipe: recipe.get("method") == "lora"),
+    **dict.fromkeys(
+        ("lora_r", "lora_alpha", "lora_targets"), lambda recipe: recipe.get("method") in ("lora", "lora_matched")
+    ),
     "save_dtype": lambda recipe: recipe.get("method") in SPARSE_DIFF_METHODS,
     **dict.fromkeys(("methods", "lr_by_method", "batch_size_by_method", "output_dir"), lambda recipe: False),
 }

@@ -22,6 +22,10 @@ from fish_peft.masks.top_k import top_k
 
 HEAD_MODULE_NAMES = ("classifier", "score")  # the heads PEFT keeps trainable for sequence classification
 SELECTIONS = ("global", "per_module")
+# what PEFT wrappers add to a model's parameter names (FISH, LoRA, SHiRA, Super-Tuning values; copies of the head)
+ADDED_BY_PEFT = (
+    ".fish_values.", ".fish_explore_values.", ".modules_to_save.", ".lora_", ".shira_weight.", ".supertuning_"
+)
 
 Eligible = Optional[Union[str, Callable[[str, nn.Parameter], bool]]]
 ModulesToSave = Union[str, Sequence[str], None]
@@ -75,9 +79,9 @@ def partition_parameters(
 
 def base_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(name in the bare base model, parameter), also when `model` is wrapped by PEFT; what the wrapper added
-    (adapter values, LoRA matrices, trainable copies of the head) is left out."""
+    (adapter values, LoRA matrices, SHiRA and Super-Tuning values, trainable copies of the head) is left out."""
     for name, param in model.named_parameters():
-        if ".fish_values." in name or ".fish_explore_values." in name or ".modules_to_save." in name or ".lora_" in name:
+        if any(added in name for added in ADDED_BY_PEFT):
             continue
         yield name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", "."), param
 

@@ -74,7 +74,7 @@ def test_overrides_are_converted_to_each_keys_type():
     ({"training": "x"}, "write TrainingArguments fields at the top level of the recipe"),
     ({"eval_strategy": "sometimes"}, "TrainingArguments refuses the recipe's training keys: sometimes is not a valid"),
     ({"learning_rate": "0"}, "learning_rate and num_train_epochs must be positive"),
-    ({"method": "adapter"}, "method must be one of fish, random, full, lora, bitfit, got 'adapter'"),
+    ({"method": "adapter"}, "method must be one of fish, random, full, lora, bitfit, lora_matched, shira, supertuning, shira_fish, got 'adapter'"),
     ({"mask_update": "rigl"}, "mask_update must be one of none, topkast, sparse_momentum"),
     ({"methods": "fish,prompt"}, "methods must be one of"),
     ({"fisher": "observed"}, "fisher must be one of empirical, expected"),
