@@ -15,7 +15,7 @@ from fish_peft.utils.atomic_files import atomic_path
 from fish_peft.distributed.processes import rank_and_world
 from fish_peft.cli.comparison_table import lead, render
 from fish_peft.cli.lr_search import TUNING_FOLDER, Tuning, at_point, tune, tuning_recipes
-from fish_peft.cli.output_folders import COMPARISON, check_output_folder
+from fish_peft.cli.output_folders import COMPARISON, MASKS_PLOT, check_output_folder
 from fish_peft.cli.recipe import Recipe
 from fish_peft.cli.run_output import reset_peak_memory, write_json
 from fish_peft.cli.sft_recipe import SFTRecipe
@@ -48,10 +48,32 @@ def compare(recipe: Recipe | SFTRecipe, overwrite: bool = False) -> str:
     summary = comparison_summary(recipe, rows, seeds)
     text = render(summary)
     out = Path(recipe.output_dir)
+    if plot_compared_masks(rows, out / MASKS_PLOT):
+        summary["files"]["masks_plot"] = str(out / MASKS_PLOT)
+        text = render(summary)
     write_json(out / "comparison.json", summary)
     with atomic_path(str(out / "comparison.md")) as tmp:
         Path(tmp).write_text(text)
     return text
+
+
+def plot_compared_masks(rows: list[dict], path: Path) -> bool:
+    """The masks of the methods whose (first seed's) run saved a FISH adapter, in one PNG on shared colour scales
+    (where each method's budget went); False when no method has one."""
+    from fish_peft.tuner.adapter_files import read_adapter_config, read_adapter_mask
+    from fish_peft.tuner.peft_type import FISH_PEFT_TYPE
+
+    masks = {}
+    for row in rows:
+        folder = Path(row["runs"][0]["run_dir"])
+        if (folder / "adapter_config.json").is_file() and read_adapter_config(folder).peft_type == FISH_PEFT_TYPE:
+            masks[row["method"]] = read_adapter_mask(folder)
+    if not masks:
+        return False
+    from fish_peft.hub.mask_plot import plot_masks
+
+    plot_masks(masks, str(path))
+    return True
 
 
 def comparison_seeds(recipe) -> list[int]:

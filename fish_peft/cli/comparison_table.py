@@ -159,6 +159,8 @@ def files(summary: dict[str, Any]) -> str:
         methods = ", ".join(row["method"] for row in summary["rows"])
         runs = f"{where['folder']}/seed=<seed>/<method> (seeds {_list(summary['seeds'])}; methods {methods})"
     lines.append(f"- each method's runs (adapter, results.json, recipe.yaml, model card): {runs}")
+    if where.get("masks_plot"):
+        lines.append(f"- where each sparse method's budget went, on shared colour scales: {where['masks_plot']}")
     if where.get("tuning"):
         lines.append(f"- the tuning runs (the same files, scored on the tuning split): {where['tuning']}/<method>/lr=<lr>")
     return "\n".join(lines)

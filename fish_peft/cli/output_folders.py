@@ -56,13 +56,14 @@ RUN = FolderKind(
         f"{CHECKPOINTS}/.{RUN_RECIPE}.tmp-*", f"{CHECKPOINTS}/.{RUN_MASK}.tmp-*",
     ),
 )
+MASKS_PLOT = "masks.png"  # a comparison's masks side by side
 COMPARISON = FolderKind(
     "a comparison of `fish-peft compare`",
     # a method's run: in METHOD/ (one seed), seed=SEED/METHOD/ (several), tuning/METHOD/lr=LR/ (--lr-grid's grid)
     markers=("comparison.json", "comparison.md", *(f"{where}/{marker}" for m in METHODS for marker in RUN.markers
                                                    for where in (m, f"seed=*/{m}", f"{TUNING_FOLDER}/{m}/lr=*"))),
     # a method's folder is a run, replaced as runs are
-    files=("comparison.json", "comparison.md", *METHODS, "seed=*", TUNING_FOLDER),
+    files=("comparison.json", "comparison.md", MASKS_PLOT, *METHODS, "seed=*", TUNING_FOLDER),
 )
 MASK = FolderKind(
     "a mask of `fish-peft mask`",

@@ -83,6 +83,9 @@ def test_compare_runs_every_method_on_the_same_data(checkpoint, tmp_path):
     assert rows["bitfit"]["trainable_parameters"] < total
     table = (out / "comparison.md").read_text()
     assert all(re.search(rf"^\| {method} +\|", table, re.M) for method in rows)  # padded: the table is aligned
+    # the sparse diffs' masks side by side (fish, random, bitfit save FISH adapters; lora and full do not)
+    assert (out / "masks.png").read_bytes().startswith(b"\x89PNG") and str(out / "masks.png") in table
+    assert json.loads((out / "comparison.json").read_text())["files"]["masks_plot"] == str(out / "masks.png")
 
 
 def test_each_method_trains_at_its_own_settings_unless_the_command_line_says_otherwise():
