@@ -35,6 +35,7 @@ def compare(recipe: Recipe | SFTRecipe, overwrite: bool = False) -> str:
     else:
         run_method = run
     run_one = lambda sub_recipe, label: run_named(run_method, sub_recipe, label, overwrite)  # noqa: E731
+    writer = rank_and_world()[0] == 0  # the others' results lack what saving adds (adapter_bytes, wall_seconds)
     rows = []
     for method in recipe.methods:
         tuning = tune(recipe, method, seeds[0], run_one) if tuned(recipe) else None
@@ -42,8 +43,9 @@ def compare(recipe: Recipe | SFTRecipe, overwrite: bool = False) -> str:
         for seed in seeds:
             final = final_recipe(recipe, method, seed, tuning)
             runs.append((final, run_one(final, f"{method}" + (f" seed {seed}" if len(seeds) > 1 else ""))))
-        rows.append(summary_row(method, runs, tuning))
-    if rank_and_world()[0] != 0:
+        if writer:
+            rows.append(summary_row(method, runs, tuning))
+    if not writer:
         return ""
     summary = comparison_summary(recipe, rows, seeds)
     text = render(summary)
