@@ -47,12 +47,10 @@ def compare(recipe: Recipe | SFTRecipe, overwrite: bool = False) -> str:
             rows.append(summary_row(method, runs, tuning))
     if not writer:
         return ""
-    summary = comparison_summary(recipe, rows, seeds)
-    text = render(summary)
     out = Path(recipe.output_dir)
-    if plot_compared_masks(rows, out / MASKS_PLOT):
-        summary["files"]["masks_plot"] = str(out / MASKS_PLOT)
-        text = render(summary)
+    masks_plot = out / MASKS_PLOT if plot_compared_masks(rows, out / MASKS_PLOT) else None
+    summary = comparison_summary(recipe, rows, seeds, masks_plot)
+    text = render(summary)
     write_json(out / "comparison.json", summary)
     with atomic_path(str(out / "comparison.md")) as tmp:
         Path(tmp).write_text(text)
@@ -162,7 +160,7 @@ def best_metrics(results: dict) -> dict[str, float]:
     return {k: v for k, v in results["metrics"][first_split].items() if k not in left_out}
 
 
-def comparison_summary(recipe, rows: list[dict], seeds: list[int]) -> dict[str, Any]:
+def comparison_summary(recipe, rows: list[dict], seeds: list[int], masks_plot: Optional[Path]) -> dict[str, Any]:
     """comparison.json: the rows, the best method and the noise, the tuning split, and where the files went."""
     out = Path(recipe.output_dir)
     metric, higher = main_metric(rows[0]["metrics"]) if rows else ("loss", False)
@@ -185,6 +183,7 @@ def comparison_summary(recipe, rows: list[dict], seeds: list[int]) -> dict[str, 
             "folder": str(out), "table": str(out / "comparison.md"), "json": str(out / "comparison.json"),
             "runs": [run["run_dir"] for row in rows for run in row["runs"]],
             "tuning": str(out / TUNING_FOLDER) if tuned(recipe) else None,
+            "masks_plot": str(masks_plot) if masks_plot else None,
         },
     }
 

@@ -183,7 +183,6 @@ def _bytes(size: Optional[float]) -> str:
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return ""
 
 
 def _seconds(seconds: Optional[float]) -> str:

@@ -21,8 +21,6 @@ from torch import nn
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.masks.selection import base_named_parameters, in_modules, resolve_modules_to_save
 
-BUDGET_METHODS = ("lora_matched", "shira", "supertuning", "shira_fish")
-
 
 def fish_budget(model: nn.Module, keep_ratio: float) -> int:
     """What a `fish` run trains: int(keep_ratio * all base parameters), the head included."""
@@ -95,7 +93,7 @@ def linear_mask(model: nn.Module, mask: FishMask) -> FishMask:
 
 
 def budget_matched_model(recipe, model: nn.Module, mask: Optional[FishMask]):
-    """The PEFT model of a `BUDGET_METHODS` method, at FISH's budget (shira_fish: on `mask`, its `linear_mask`)."""
+    """The PEFT model of a budget method (`hub.model_card.BUDGET_METHODS`), at FISH's budget (shira_fish: on `mask`, its `linear_mask`)."""
     from peft import get_peft_model
 
     heads = resolve_modules_to_save(model, "auto")

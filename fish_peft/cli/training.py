@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from fish_peft.cli.averaged_training import own_share
 from fish_peft.cli.output_folders import RUN, check_output_folder, remove_owned
-from fish_peft.cli.peft_baselines import BUDGET_METHODS, budget_matched_model, linear_mask, prepare_to_save
+from fish_peft.cli.peft_baselines import budget_matched_model, linear_mask, prepare_to_save
 from fish_peft.cli.recipe import Recipe, load_recipe
 from fish_peft.cli.resume import CHECKPOINTS, interrupted, remember_mask, remember_recipe, resume_point, run_mask
 from fish_peft.cli.run_output import run_results, strip_prefix, write_run_folder
@@ -32,13 +32,14 @@ from fish_peft.cli.tasks import Task
 from fish_peft.cli.training_loops import AveragedDiffLoop, EvolvingDiffLoop, TrainerLoop
 from fish_peft.distributed.processes import rank_and_world
 from fish_peft.dynamic import evolving_diff_engine
-from fish_peft.hub.model_card import SPARSE_DIFF_METHODS
+from fish_peft.hub.model_card import BUDGET_METHODS, FISHER_METHODS, SPARSE_DIFF_METHODS
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.masks.selection import base_named_parameters, bias_mask, compute_fisher_mask, random_mask, resolve_modules_to_save
 from fish_peft.tuner.config import FishConfig
 
 
 FINISHED_RUN = ("results.json", "adapter_config.json", "recipe.yaml")  # any of them: the folder holds a finished run
+MASKED_METHODS = (*SPARSE_DIFF_METHODS, "shira_fish")  # the methods a run starts from a mask (None for the others)
 
 
 def prepare_run(recipe, overwrite: bool, resume: bool):
@@ -102,16 +103,16 @@ def check_output_dir(out: Path, overwrite: bool, elsewhere: str) -> None:
 def starting_mask(recipe: Recipe, setup: Setup, out: Path, checkpoint: Optional[Path]) -> tuple[Optional[FishMask], Optional[float]]:
     """The mask the run starts with (None for lora and full), and the seconds its Fisher took (fish). A resumed run
     takes the mask its interrupted run started with: the checkpoint's adapter loads onto it."""
-    if checkpoint is not None and recipe.method in (*SPARSE_DIFF_METHODS, "shira_fish"):
+    if checkpoint is not None and recipe.method in MASKED_METHODS:
         return run_mask(out), None
     started = time.perf_counter()
     mask = method_mask(recipe, setup.model, setup.tokenized["train"], setup.collator)
-    return mask, time.perf_counter() - started if recipe.method in ("fish", "shira_fish") else None
+    return mask, time.perf_counter() - started if recipe.method in FISHER_METHODS else None
 
 
 def method_mask(recipe: Recipe, model, train_dataset, collator) -> Optional[FishMask]:
     """The sparse support of the sparse methods (None for lora and full); shira_fish's is FISH's on Linear weights."""
-    if recipe.method in ("fish", "shira_fish"):
+    if recipe.method in FISHER_METHODS:
         mask = compute_fisher_mask(
             model, fisher_loader(recipe, train_dataset, collator), recipe.keep_ratio, recipe.num_samples,
             selection=recipe.selection, eligible=recipe.eligible, fisher=recipe.fisher, progress=True,
@@ -206,7 +207,7 @@ def training_arguments(recipe: Recipe, out: Path, task: Task) -> TrainingArgumen
 
 def build_mask_only(recipe: Recipe) -> tuple[FishMask, dict[str, tuple[int, ...]]]:
     """The recipe's mask without training (`fish-peft mask`), and the shapes of all base parameters (for the plot)."""
-    if recipe.method not in ("fish", "random", "bitfit", "shira_fish"):
+    if recipe.method not in MASKED_METHODS:
         raise ValueError(f"method {recipe.method!r} has no mask; use fish, random, bitfit or shira_fish.")
     setup = Setup.from_recipe(recipe)
     with tempfile.TemporaryDirectory() as scratch:

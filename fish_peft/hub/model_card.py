@@ -22,6 +22,7 @@ MASK_METHODS = ("fish", "random", "magnitude")  # the methods whose card shows t
 SPARSE_DIFF_METHODS = MASK_METHODS + ("bitfit",)  # saved as fish-peft sparse-diff adapters
 # PEFT's own tuners at a FISH mask's budget (fish_peft.cli.peft_baselines); shira_fish is SHiRA on a FISH mask
 BUDGET_METHODS = ("lora_matched", "shira", "supertuning", "shira_fish")
+FISHER_METHODS = ("fish", "shira_fish")  # the methods whose support is a Fisher mask
 ADAPTER_METHODS = SPARSE_DIFF_METHODS + ("lora",) + BUDGET_METHODS  # saved as PEFT adapters (the rest: a whole model)
 CARD_METHODS = ADAPTER_METHODS + ("full",)  # every method a card can describe
 
@@ -31,7 +32,7 @@ CARD_METHODS = ADAPTER_METHODS + ("full",)  # every method a card can describe
 RECIPE_KEY_APPLIES = {
     "keep_ratio": lambda recipe: recipe.get("method") in MASK_METHODS + BUDGET_METHODS,
     **dict.fromkeys(("selection", "eligible"), lambda recipe: recipe.get("method") in MASK_METHODS + ("shira_fish",)),
-    **dict.fromkeys(("num_samples", "fisher"), lambda recipe: recipe.get("method") in ("fish", "shira_fish")),
+    **dict.fromkeys(("num_samples", "fisher"), lambda recipe: recipe.get("method") in FISHER_METHODS),
     **dict.fromkeys(("update_every", "prune_rate"), lambda recipe: recipe.get("mask_update") is not None),
     **dict.fromkeys(("exploration", "penalty"), lambda recipe: recipe.get("mask_update") == "topkast"),
     **dict.fromkeys(

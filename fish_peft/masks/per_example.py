@@ -203,8 +203,9 @@ class CallRecorder:
                 return None
             call = Call(module, owned, args, kwargs)
             self.calls.append(call)
-            anchor = self._anchors.setdefault(output.device, torch.zeros((), device=output.device, requires_grad=True))
-            anchored = output + anchor
+            if output.device not in self._anchors:  # one zero leaf per device, made once per recording
+                self._anchors[output.device] = torch.zeros((), device=output.device, requires_grad=True)
+            anchored = output + self._anchors[output.device]
             anchored.register_hook(lambda delta: self._arrived(call, delta))
             return anchored
 
