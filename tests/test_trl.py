@@ -6,12 +6,12 @@ import datasets
 import pytest
 import torch
 import trl
-from peft import AutoPeftModelForCausalLM, PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import fish_peft  # noqa: F401  (registers FISH with PEFT)
-from fish_peft import FishConfig, FishMaskInitCallback, compute_fisher_mask
+from fish_peft import FishConfig, FishMaskInitCallback, compute_fisher_mask, random_mask
 from tests.models import tiny_llama
 
 WORDS = "what did the a cat dog bird sat ran flew on mat log tree away home".split()
@@ -112,3 +112,49 @@ def test_sft_trainer_trains_a_fish_diff_on_completions_and_the_adapter_loads_bac
         assert torch.isin(changed, allowed).all(), name
         if name in config.mask:
             assert changed.numel() > 0.9 * allowed.numel()
+
+
+def test_a_chat_template_cloned_by_trl_trains_the_new_token_rows_beside_the_diff(tmp_path, base_dir):
+    """TRL's `chat_template_path` adds the template's tokens and asks PEFT for `trainable_token_indices`: their rows
+    train in full (PEFT's TrainableTokens), the mask leaves the embedding to them, and the adapter loads back."""
+    source = word_tokenizer()
+    source.add_special_tokens({"additional_special_tokens": ["<|turn|>", "<|end|>"]})
+    source.chat_template = CHAT_TEMPLATE.replace("{{ m['role'] }} :", "<|turn|> {{ m['role'] }} :").replace("eos_token", "'<|end|>'")
+    source.eos_token = "<|end|>"
+    source.save_pretrained(tmp_path / "template")
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=3, learning_rate=1e-2, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, bf16=False, chat_template_path=str(tmp_path / "template"),
+    )
+    config = FishConfig(keep_ratio=0.2, num_samples=9, modules_to_save=["lm_head"])  # lm_head: as TRL advises
+    trainer = trl.SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base_dir), args=args, train_dataset=datasets.Dataset.from_list(conversations()),
+        processing_class=word_tokenizer(), peft_config=config, callbacks=[FishMaskInitCallback()],
+    )
+    new_tokens = trainer.processing_class.convert_tokens_to_ids(["<|turn|>", "<|end|>"])
+    assert set(new_tokens) <= set(config.trainable_token_indices["embed_tokens"])  # with TRL's padding tokens
+    model = trainer.model
+    embedding = model.get_input_embeddings()
+    rows_before = embedding(torch.tensor(new_tokens)).detach().clone()
+    trainer.train()
+
+    assert not any("embed_tokens" in name for name in config.sparse_parameters)  # the rows are TrainableTokens' own
+    assert config.sparse_parameters and not torch.equal(embedding(torch.tensor(new_tokens)), rows_before)
+    trainer.save_model(str(tmp_path / "adapter"))
+    ids = trainer.processing_class("<|turn|> user : what did the cat do <|end|>", return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        base.resize_token_embeddings(model.get_input_embeddings().weight.shape[0])
+        torch.manual_seed(0)
+        loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+        assert torch.equal(loaded(input_ids=ids).logits, trained)
+
+
+def test_a_mask_with_entries_in_an_embedding_that_trainable_tokens_trains_is_refused():
+    model = tiny_llama()
+    mask = random_mask(model, 0.05, seed=0, modules_to_save=[])
+    assert "model.embed_tokens.weight" in mask
+    with pytest.raises(ValueError, match="trainable_token_indices trains in full.*model.embed_tokens.weight"):
+        get_peft_model(model, FishConfig(mask=mask, trainable_token_indices=[3, 4]))

@@ -24,7 +24,8 @@ HEAD_MODULE_NAMES = ("classifier", "score")  # the heads PEFT keeps trainable fo
 SELECTIONS = ("global", "per_module")
 # what PEFT wrappers add to a model's parameter names (FISH, LoRA, SHiRA, Super-Tuning values; copies of the head)
 ADDED_BY_PEFT = (
-    ".fish_values.", ".fish_explore_values.", ".modules_to_save.", ".lora_", ".shira_weight.", ".supertuning_"
+    ".fish_values.", ".fish_explore_values.", ".modules_to_save.", ".lora_", ".shira_weight.", ".supertuning_",
+    ".trainable_tokens_delta",
 )
 
 Eligible = Optional[Union[str, Callable[[str, nn.Parameter], bool]]]
@@ -83,7 +84,14 @@ def base_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
     for name, param in model.named_parameters():
         if any(added in name for added in ADDED_BY_PEFT):
             continue
-        yield name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", "."), param
+        yield base_name(name), param
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the bare base model, without what PEFT's wrappers put into it."""
+    for wrapper in (".token_adapter.", ".base_layer.", ".original_module."):
+        name = name.replace(wrapper, ".")
+    return name.removeprefix("base_model.model.")
 
 
 def check_keep_ratio(keep_ratio: float) -> float:

@@ -13,12 +13,14 @@ import torch
 from safetensors import safe_open
 
 from peft.config import PeftConfig
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
 from fish_peft.tuner.peft_type import FISH_PEFT_TYPE
 from fish_peft.tuner.layer import storage_key
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.tuner.packing import PACKED_KEYS, PackingError, unpack
-from fish_peft.masks.selection import base_named_parameters, in_modules
+from fish_peft.masks.selection import base_name, base_named_parameters, in_modules
+from fish_peft.tuner.target_modules import trainable_token_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,26 +78,48 @@ def check_adapter_file(path: str | os.PathLike, config: PeftConfig) -> dict[str,
 
 
 def check_head_shapes(given: dict[str, tuple[int, ...]], model, config: PeftConfig) -> None:
-    """The file's full tensors must be exactly the parameters of the model's `modules_to_save` (the head), with
-    their shapes: PEFT itself fails with a bare KeyError on a missing one, after it has changed the model."""
+    """The file's full tensors must be exactly the parameters of the model's `modules_to_save` (the head) and the
+    rows `trainable_token_indices` trains, with their shapes: PEFT itself fails with a bare KeyError on a missing
+    one, after it has changed the model. Copies of the embedding layers, which PEFT saves when the vocabulary was
+    resized, may come too."""
     heads = tuple(config.modules_to_save or ())
-    expected = {
-        f"base_model.model.{name}": tuple(param.shape)
-        for name, param in base_named_parameters(model)
-        if in_modules(name, heads)
-    }
-    if given.keys() != expected.keys():
-        missing, unknown = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    parameters = dict(base_named_parameters(model))
+    expected = {f"base_model.model.{name}": tuple(p.shape) for name, p in parameters.items() if in_modules(name, heads)}
+    expected.update(token_row_shapes(model, config, parameters))
+    base_shapes = {f"base_model.model.{name}": tuple(p.shape) for name, p in parameters.items()}
+    resized_copies = {key for key in given.keys() - expected.keys() if _embedding_copy(key, given[key], base_shapes)}
+    if given.keys() - resized_copies != expected.keys():
+        missing, unknown = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys() - resized_copies)
         raise AdapterFileError(
-            f"The adapter file's full tensors do not match the model's modules_to_save {list(heads)}: missing "
-            f"{missing}, not in the model {unknown}. The file was altered or belongs to another model."
+            f"The adapter file's full tensors do not match the model's modules_to_save {list(heads)} and "
+            f"trainable_token_indices: missing {missing}, not in the model {unknown}. The file was altered or belongs "
+            "to another model."
         )
-    for key, shape in given.items():
-        if shape != expected[key]:
+    for key, shape in expected.items():
+        if given[key] != shape:
             raise AdapterFileError(
-                f"The adapter file's '{key}' has shape {shape} but the model's has {expected[key]}; the adapter belongs "
-                "to a model with another head (e.g. another num_labels)."
+                f"The adapter file's '{key}' has shape {given[key]} but the model's has {shape}; the adapter belongs "
+                "to a model with another head (e.g. another num_labels) or other trainable tokens."
             )
+
+
+def token_row_shapes(model, config: PeftConfig, parameters: dict) -> dict[str, tuple[int, ...]]:
+    """{key in the adapter file: shape} of the embedding rows `trainable_token_indices` trains (PEFT's TrainableTokens
+    saves one delta per embedding, tied layers sharing it); `parameters` by their base names."""
+    indices = getattr(config, "trainable_token_indices", None)
+    shapes = {}
+    for layer in trainable_token_layers(model, config):
+        rows = indices if not isinstance(indices, dict) else next(v for k, v in indices.items() if layer == k or layer.endswith(f".{k}"))
+        width = parameters[f"{layer}.weight"].shape[1]
+        shapes[f"base_model.model.{layer}.token_adapter.trainable_tokens_delta"] = (len(rows), width)
+    return shapes
+
+
+def _embedding_copy(key: str, shape: tuple[int, ...], base_shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether `key` is one of the copies of the embedding layers PEFT saves when the vocabulary was resized (as
+    `lm_head.modules_to_save.weight`), of a base parameter of that shape; `base_shapes` by base names."""
+    base = "base_model.model." + base_name(key.replace(".modules_to_save.", "."))
+    return any(part in EMBEDDING_LAYER_NAMES for part in base.split(".")) and base_shapes.get(base) == tuple(shape)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -121,13 +145,14 @@ def unpack_adapter_state_dict(
     """
     entries = check_adapter_tensors(state_dict, config)
     result = {}
+    base_shapes = {"base_model.model." + base_name(key): shape for key, shape in model_shapes.items() if ".modules_to_save." not in key}
     for name, (indices, values) in entries.items():
         module, attr = owners[name]
         result[f"{module}.fish_indices.{adapter_name}.{storage_key(attr)}"] = indices
         result[f"{module}.fish_values.{adapter_name}.{storage_key(attr)}"] = values
     for key, tensor in state_dict.items():
-        if key in PACKED_KEYS:
-            continue
+        if key in PACKED_KEYS or (key not in model_shapes and _embedding_copy(key, tensor.shape, base_shapes)):
+            continue  # the packed diff, decoded above; a copy PEFT saves of a resized embedding, which it loads itself
         if key not in model_shapes or ".fish_" in key:
             raise AdapterFileError(
                 f"The adapter file holds a tensor '{key}' that its adapter_config.json does not describe; the file "

@@ -42,6 +42,9 @@ class FishConfig(PeftConfig):
         num_samples: examples the Fisher of a `keep_ratio` config is computed on (all of them if the data holds
             fewer).
         fisher: "empirical" (the paper: gold labels) or "expected" (labels drawn from the model's prediction).
+        trainable_token_indices: embedding rows trained in full beside the diff, by PEFT's TrainableTokens (token ids
+            for the input embedding, or {layer name: token ids}); TRL sets it for the tokens a chat template adds.
+            The mask holds no entries in those embeddings.
         modules_to_save: modules trained in full and saved with the adapter (the task head). Defaults to the head
             the mask's budget was drawn for (with `keep_ratio`: a module named `classifier` or `score`, if any).
         save_dtype: dtype of the values in `adapter_model.safetensors` ("float32", "float16" or "bfloat16"); `None`
@@ -92,6 +95,9 @@ class FishConfig(PeftConfig):
         default=None, metadata={"help": "Modules that hold no entries (PEFT's matching)."}
     )
     num_samples: int = field(default=1024, metadata={"help": "Examples the Fisher of a keep_ratio config is computed on."})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Embedding rows trained in full beside the diff (PEFT's TrainableTokens)."}
+    )
     fisher: str = field(default="empirical", metadata={"help": "'empirical' (gold labels) or 'expected' Fisher."})
 
     def __post_init__(self, mask: Optional[FishMask]):

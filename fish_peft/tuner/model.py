@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -108,8 +109,9 @@ class FishModel(BaseTuner):
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Unloading puts the wrapped module back as it is: PEFT's default would copy `child.weight` into it, which
-        modules without a `weight` (MultiheadAttention, GRU) do not have and wrapped modules do not need."""
-        if isinstance(child, BaseTunerLayer) and new_module is child.get_base_layer():
+        modules without a `weight` (MultiheadAttention, GRU) do not have and wrapped modules do not need; nor do the
+        embeddings that PEFT's TrainableTokens wrapped."""
+        if isinstance(child, AuxiliaryTrainingWrapper) or (isinstance(child, BaseTunerLayer) and new_module is child.get_base_layer()):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)

@@ -17,8 +17,9 @@ def eligible_parameters(model: nn.Module, config: FishConfig) -> dict[str, nn.Pa
     it) owns, unless that module or one around it is excluded (`exclude_modules`, `modules_to_save`).
     `target_modules=None` matches every module; "all-linear" is first expanded, as PEFT does, to the names of all
     Linear/Conv1D modules but the output layer. Parameters the root module owns itself cannot be wrapped and are
-    left out."""
+    left out, and so are the embeddings that `trainable_token_indices` gives to PEFT's TrainableTokens."""
     _maybe_include_all_linear_layers(config, model)
+    token_layers = trainable_token_layers(model, config)
     matcher = config if config.target_modules is not None else _matching_nothing_but_exclusions(config)
     verdicts: dict[str, object] = {}
 
@@ -31,11 +32,24 @@ def eligible_parameters(model: nn.Module, config: FishConfig) -> dict[str, nn.Pa
     for name, param in base_named_parameters(model):
         parts = name.split(".")[:-1]
         enclosing = [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
-        if not enclosing or any(isinstance(verdict(m), _ExcludedModule) for m in enclosing):
+        if not enclosing or enclosing[-1] in token_layers or any(isinstance(verdict(m), _ExcludedModule) for m in enclosing):
             continue
         if config.target_modules is None or any(verdict(m) for m in enclosing):
             eligible[name] = param
     return eligible
+
+
+def trainable_token_layers(model: nn.Module, config: FishConfig) -> set[str]:
+    """Names of the embedding modules whose rows `trainable_token_indices` trains in full (PEFT's TrainableTokens,
+    which TRL asks for when a chat template adds tokens): the layers it names (a name or a suffix of one), or the
+    model's input embedding. A tied output layer shares the embedding's weight, which the mask then leaves out too."""
+    if config.trainable_token_indices is None:
+        return set()
+    if isinstance(config.trainable_token_indices, dict):
+        wanted = list(config.trainable_token_indices)
+        return {name for name, _ in model.named_modules() if any(name == w or name.endswith(f".{w}") for w in wanted)}
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return {name for name, module in model.named_modules() if module is embedding}
 
 
 def _matching_nothing_but_exclusions(config: FishConfig) -> FishConfig:
@@ -76,16 +90,17 @@ def check_budget(model: nn.Module, config: FishConfig, eligible: dict[str, nn.Pa
 
 
 def check_mask_in_targets(model: nn.Module, config: FishConfig) -> None:
-    """A config with both a mask and `target_modules` must keep the mask inside them."""
-    if config.target_modules is None and not config.exclude_modules:
+    """A config with both a mask and `target_modules` (or `exclude_modules`, `trainable_token_indices`) must keep the
+    mask inside them."""
+    if config.target_modules is None and not config.exclude_modules and config.trainable_token_indices is None:
         return
     eligible = eligible_parameters(model, config)
     outside = [name for name in config.sparse_parameters if name not in eligible]
     if outside:
         raise ValueError(
             f"The mask holds entries of {len(outside)} parameter(s) outside target_modules={config.target_modules!r} "
-            f"/ exclude_modules={config.exclude_modules!r}, e.g. '{outside[0]}'; compute the mask for those modules "
-            "(eligible=...) or widen target_modules."
+            f"/ exclude_modules={config.exclude_modules!r}, or in an embedding trainable_token_indices trains in full, "
+            f"e.g. '{outside[0]}'; compute the mask for the modules left (eligible=...) or widen target_modules."
         )
 
 
