@@ -43,7 +43,8 @@ def render(summary: dict[str, Any]) -> str:
     """The table, then the findings, the columns explained and the files, as comparison.md holds them."""
     rows = summary["rows"]
     metrics = shown_metrics(rows)
-    return "\n\n".join([aligned_table(rows, metrics), findings(summary), columns(summary, metrics), files(summary)]) + "\n"
+    parts = [aligned_table(rows, metrics), findings(summary), grid_edges(rows), columns(summary, metrics), files(summary)]
+    return "\n\n".join(part for part in parts if part) + "\n"
 
 
 def shown_metrics(rows: list[dict]) -> list[str]:
@@ -113,6 +114,22 @@ def findings(summary: dict[str, Any]) -> str:
         verdict = f"not larger than that noise: at this evaluation size {found['best']} and {found['second']} are tied"
     text.append(f"The lead is {verdict}.")
     return " ".join(text)
+
+
+def grid_edges(rows: list[dict]) -> str:
+    """The methods whose chosen learning rate is the lowest or the highest of their grid: their best may lie beyond
+    it. Empty when there are none (or no grid)."""
+    edges = []
+    for row in rows:
+        tuning = row.get("tuning")
+        grid = sorted({point["lr"] for point in tuning["scores"]}) if tuning else []
+        if len(grid) > 1 and tuning["chosen_lr"] in (grid[0], grid[-1]):
+            side = "lowest" if tuning["chosen_lr"] == grid[0] else "highest"
+            edges.append(f"{row['method']} ({side}, {show_lr(tuning['chosen_lr'])})")
+    if not edges:
+        return ""
+    return (f"At the edge of its grid: {', '.join(edges)}. The best learning rate may lie beyond it; widen the grid "
+            "(lr_grid_by_method) and compare again.")
 
 
 def columns(summary: dict[str, Any], metrics: list[str]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fish_peft.cli.command import main
-from fish_peft.cli.comparison_table import render
+from fish_peft.cli.comparison_table import lead, render
 from fish_peft.cli.lr_search import SPARSE_LR_GRID, lr_grid, tune
 from fish_peft.cli.output_folders import COMPARISON, kinds_in
 from fish_peft.cli.recipe import load_recipe, parse_overrides
@@ -164,8 +164,6 @@ def row(method, accuracy):
 
 @pytest.mark.parametrize("second, verdict", [(0.79, "are tied"), (0.78, "suggestive"), (0.70, "a real difference")])
 def test_one_seed_a_single_metric_and_the_verdict_against_the_binomial_noise(second, verdict):
-    from fish_peft.cli.comparison_table import lead
-
     rows = [row("fish", 0.80), row("random-with-a-long-name", second)]
     found = lead(rows, "accuracy", True, 1000)  # one run's standard error: sqrt(.8 * .2 / 1000) = 0.0126
     text = render(summary(rows, lead=found))
@@ -173,6 +171,17 @@ def test_one_seed_a_single_metric_and_the_verdict_against_the_binomial_noise(sec
     assert len({len(line) for line in table}) == 1 and "±" not in text.split("Best")[0]
     assert "combined_score" not in table[0]  # it only repeats accuracy
     assert "0.0126 (1.26 points)" in text and verdict in text and "fish, 0.8000" in text
+
+
+def test_a_learning_rate_chosen_at_the_edge_of_its_grid_is_pointed_out():
+    def tuned_row(method, chosen, grid):
+        return {**row(method, 0.8), "tuning": {"chosen_lr": chosen, "scores": [{"lr": lr} for lr in grid]}}
+
+    rows = [tuned_row("fish", 1e-3, [1e-3, 2e-3, 5e-3]), tuned_row("full", 5e-5, [2e-5, 5e-5, 1e-4]),
+            tuned_row("random", 5e-3, [1e-3, 2e-3, 5e-3]), tuned_row("lora", 1e-3, [1e-3]), row("bitfit", 0.7)]
+    text = render(summary(rows, lead=lead(rows, "accuracy", True, 1000)))
+    assert "At the edge of its grid: fish (lowest, 0.001), random (highest, 0.005). The best learning rate" in text
+    assert "At the edge" not in render(summary(rows[1:2], lead=lead(rows[1:2], "accuracy", True, 1000)))
 
 
 def test_the_best_grid_point_wins_ties_go_to_the_first_and_nan_never_wins():
