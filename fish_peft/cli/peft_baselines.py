@@ -93,7 +93,8 @@ def linear_mask(model: nn.Module, mask: FishMask) -> FishMask:
 
 
 def budget_matched_model(recipe, model: nn.Module, mask: Optional[FishMask]):
-    """The PEFT model of a budget method (`hub.model_card.BUDGET_METHODS`), at FISH's budget (shira_fish: on `mask`, its `linear_mask`)."""
+    """The PEFT model of a budget method (`hub.model_card.BUDGET_METHODS`), at FISH's budget (shira_fish: on `mask`,
+    its `linear_mask`)."""
     from peft import get_peft_model
 
     heads = resolve_modules_to_save(model, "auto")

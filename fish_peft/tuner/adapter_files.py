@@ -20,7 +20,6 @@ from fish_peft.tuner.layer import storage_key
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.tuner.packing import PACKED_KEYS, PackingError, unpack
 from fish_peft.masks.selection import base_name, base_named_parameters, in_modules
-from fish_peft.tuner.target_modules import trainable_token_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,15 +76,17 @@ def check_adapter_file(path: str | os.PathLike, config: PeftConfig) -> dict[str,
     return {key: tuple(t.shape) for key, t in tensors.items() if key not in PACKED_KEYS}
 
 
-def check_head_shapes(given: dict[str, tuple[int, ...]], model, config: PeftConfig) -> None:
+def check_head_shapes(
+    given: dict[str, tuple[int, ...]], model, config: PeftConfig, token_rows: dict[str, tuple[int, ...]]
+) -> None:
     """The file's full tensors must be exactly the parameters of the model's `modules_to_save` (the head) and the
-    rows `trainable_token_indices` trains, with their shapes: PEFT itself fails with a bare KeyError on a missing
-    one, after it has changed the model. Copies of the embedding layers, which PEFT saves when the vocabulary was
-    resized, may come too."""
+    rows `trainable_token_indices` trains (`token_rows`, from `target_modules.token_row_shapes`), with their shapes:
+    PEFT itself fails with a bare KeyError on a missing one, after it has changed the model. Copies of the embedding
+    layers, which PEFT saves when the vocabulary was resized, may come too."""
     heads = tuple(config.modules_to_save or ())
     parameters = dict(base_named_parameters(model))
     expected = {f"base_model.model.{name}": tuple(p.shape) for name, p in parameters.items() if in_modules(name, heads)}
-    expected.update(token_row_shapes(model, config, parameters))
+    expected.update(token_rows)
     base_shapes = {f"base_model.model.{name}": tuple(p.shape) for name, p in parameters.items()}
     resized_copies = {key for key in given.keys() - expected.keys() if _embedding_copy(key, given[key], base_shapes)}
     if given.keys() - resized_copies != expected.keys():
@@ -101,18 +102,6 @@ def check_head_shapes(given: dict[str, tuple[int, ...]], model, config: PeftConf
                 f"The adapter file's '{key}' has shape {given[key]} but the model's has {shape}; the adapter belongs "
                 "to a model with another head (e.g. another num_labels) or other trainable tokens."
             )
-
-
-def token_row_shapes(model, config: PeftConfig, parameters: dict) -> dict[str, tuple[int, ...]]:
-    """{key in the adapter file: shape} of the embedding rows `trainable_token_indices` trains (PEFT's TrainableTokens
-    saves one delta per embedding, tied layers sharing it); `parameters` by their base names."""
-    indices = getattr(config, "trainable_token_indices", None)
-    shapes = {}
-    for layer in trainable_token_layers(model, config):
-        rows = indices if not isinstance(indices, dict) else next(v for k, v in indices.items() if layer == k or layer.endswith(f".{k}"))
-        width = parameters[f"{layer}.weight"].shape[1]
-        shapes[f"base_model.model.{layer}.token_adapter.trainable_tokens_delta"] = (len(rows), width)
-    return shapes
 
 
 def _embedding_copy(key: str, shape: tuple[int, ...], base_shapes: dict[str, tuple[int, ...]]) -> bool:

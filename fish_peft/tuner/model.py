@@ -33,6 +33,7 @@ from fish_peft.tuner.target_modules import (
     default_modules_to_save,
     eligible_parameters,
     excluded_module,
+    token_row_shapes,
 )
 
 
@@ -68,7 +69,7 @@ class FishModel(BaseTuner):
             check_mask_in_targets(model, config)
             eligible = config.sparse_parameters
         if getattr(config, "_head_shapes", None) is not None:
-            check_head_shapes(config._head_shapes, model, config)
+            check_head_shapes(config._head_shapes, model, config, token_row_shapes(model, config))
         if not any(isinstance(m, FishLayer) for m in model.modules()):  # so a failed load hands the model back as it came
             self.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         if config.mask is None and not config.awaits_mask:  # injected to be loaded: placeholders until the file's entries arrive

@@ -39,17 +39,30 @@ def eligible_parameters(model: nn.Module, config: FishConfig) -> dict[str, nn.Pa
     return eligible
 
 
-def trainable_token_layers(model: nn.Module, config: FishConfig) -> set[str]:
-    """Names of the embedding modules whose rows `trainable_token_indices` trains in full (PEFT's TrainableTokens,
-    which TRL asks for when a chat template adds tokens): the layers it names (a name or a suffix of one), or the
-    model's input embedding. A tied output layer shares the embedding's weight, which the mask then leaves out too."""
-    if config.trainable_token_indices is None:
-        return set()
-    if isinstance(config.trainable_token_indices, dict):
-        wanted = list(config.trainable_token_indices)
-        return {name for name, _ in model.named_modules() if any(name == w or name.endswith(f".{w}") for w in wanted)}
+def trainable_token_layers(model: nn.Module, config: FishConfig) -> dict[str, list[int]]:
+    """{name of an embedding module: the token ids whose rows `trainable_token_indices` trains in full there} (PEFT's
+    TrainableTokens, which TRL asks for when a chat template adds tokens): the layers it names (a name or a suffix of
+    one), or the model's input embedding. A tied output layer shares the embedding's weight, which the mask then
+    leaves out too."""
+    indices = config.trainable_token_indices
+    if indices is None:
+        return {}
+    if isinstance(indices, dict):
+        return {name: rows for name, _ in model.named_modules() for wanted, rows in indices.items()
+                if name == wanted or name.endswith(f".{wanted}")}
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return {name for name, module in model.named_modules() if module is embedding}
+    return {name: indices for name, module in model.named_modules() if module is embedding}
+
+
+def token_row_shapes(model: nn.Module, config: FishConfig) -> dict[str, tuple[int, ...]]:
+    """{key in the adapter file: shape} of the embedding rows `trainable_token_indices` trains (PEFT's TrainableTokens
+    saves one delta per embedding, tied layers sharing it)."""
+    layers = trainable_token_layers(model, config)
+    if not layers:
+        return {}
+    parameters = dict(base_named_parameters(model))
+    return {f"base_model.model.{layer}.token_adapter.trainable_tokens_delta": (len(rows), parameters[f"{layer}.weight"].shape[1])
+            for layer, rows in layers.items()}
 
 
 def _matching_nothing_but_exclusions(config: FishConfig) -> FishConfig:
