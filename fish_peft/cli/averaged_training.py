@@ -95,7 +95,7 @@ def recomputed_mask(recipe: Recipe, model, loader: DataLoader) -> FishMask:
     own (individual)."""
     return compute_fisher_mask(
         model, loader, recipe.keep_ratio, recipe.num_samples, selection=recipe.selection, eligible=recipe.eligible,
-        fisher=recipe.fisher, per_process=recipe.mask_sharing == "individual",
+        fisher=recipe.fisher, score=recipe.score, per_process=recipe.mask_sharing == "individual",
     )
 
 

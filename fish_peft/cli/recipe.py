@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fish_peft.cli.recipe_base import (
-    COMPARED_BY_DEFAULT, DISTRIBUTIONS, FISHER_TYPES, MASK_UPDATE_METHODS, MASK_UPDATES, METHODS, SAVE_DTYPES,
+    COMPARED_BY_DEFAULT, DISTRIBUTIONS, FISHER_TYPES, MASK_UPDATE_METHODS, MASK_UPDATES, METHODS, SAVE_DTYPES, SCORES,
     SELECTIONS, SET_BY_RUN, SPARSE_TRAINING_METHODS, TRAINING_ALIASES, TRAINING_DEFAULTS, Seeded, TrainedByMethod,
 )
 from fish_peft.cli.recipe_keys import check_at_least, check_choices, convert_value, key
@@ -38,6 +38,8 @@ class Recipe(Seeded, TrainedByMethod):
     num_samples: int = key(1024, "examples whose per-example gradients make the Fisher scores")
     fisher: str = key("empirical", "Fisher at the gold label (empirical) or weighted by the model's predictions "
                       "(expected)", FISHER_TYPES)
+    score: str = key("fisher", "what ranks the fish mask's entries: the Fisher, or the gradient's signal-to-noise "
+                     "ratio over the same examples (gradient_snr; empirical Fisher only)", SCORES)
     selection: str = key("global", "one top-k over all parameters, or one per module", SELECTIONS)
     eligible: Optional[str] = key(None, "regex of the parameter names the mask may pick (none: all)")
     mask_update: Optional[str] = key(None, "none keeps the mask fixed; topkast or sparse_momentum let it evolve "
@@ -105,6 +107,8 @@ class Recipe(Seeded, TrainedByMethod):
             )
         check_at_least(self, 1, "num_samples", "max_length", "lora_r", "update_every", "merge_every", "recompute_every")
         self._check_merging()
+        if self.score == "gradient_snr" and self.fisher != "empirical":
+            raise ValueError("Recipe: score gradient_snr ranks the gradients at the gold labels; it needs fisher: empirical.")
         self.training = {**TRAINING_DEFAULTS, **self.training}
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "save_steps"):
             if self.training.get(name) is not None and self.training[name] < 1:

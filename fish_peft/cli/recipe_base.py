@@ -19,6 +19,7 @@ SPARSE_TRAINING_METHODS = ("dense", "static", "sparse_momentum", "topkast")
 MASK_UPDATES = (None, "topkast", "sparse_momentum")  # fish_peft.tuner.config.MASK_UPDATES
 FISHER_TYPES = ("empirical", "expected")  # fish_peft.masks.fisher.FISHER_TYPES
 SELECTIONS = ("global", "per_module")  # fish_peft.masks.selection.SELECTIONS
+SCORES = ("fisher", "gradient_snr")  # fish_peft.masks.selection.SCORES
 SAVE_DTYPES = (None, "float32", "float16", "bfloat16")  # fish_peft.tuner.config.SAVE_DTYPES, or None
 DISTRIBUTIONS = ("uniform", "erk")  # fish_peft.dynamic.densities.DISTRIBUTIONS
 # fish-peft's own defaults for TrainingArguments fields (the FISH paper's GLUE setup); every other field keeps

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from fish_peft.cli.recipe_base import FISHER_TYPES, SAVE_DTYPES, SET_BY_RUN, TRAINING_ALIASES, Seeded, TrainedByMethod
+from fish_peft.cli.recipe_base import FISHER_TYPES, SAVE_DTYPES, SCORES, SET_BY_RUN, TRAINING_ALIASES, Seeded, TrainedByMethod
 from fish_peft.cli.recipe_keys import check_at_least, check_choices, key
 
 SFT_TASK = "sft"
@@ -49,6 +49,8 @@ class SFTRecipe(Seeded, TrainedByMethod):
     num_samples: int = key(1024, "training examples whose per-example gradients make the Fisher scores")
     fisher: str = key("empirical", "Fisher at the data's tokens (empirical) or at tokens drawn from the model "
                       "(expected)", FISHER_TYPES)
+    score: str = key("fisher", "what ranks the fish mask's entries: the Fisher, or the gradient's signal-to-noise "
+                     "ratio over the same examples (gradient_snr; empirical Fisher only)", SCORES)
     target_modules: list[str] = key(["all-linear"], "modules the sparse diff (fish, random) may change, as PEFT "
                                     "matches them: names, suffixes, or all-linear (every Linear but lm_head)")
     exclude_modules: Optional[list[str]] = key(None, "modules the sparse diff leaves alone")

@@ -115,7 +115,7 @@ def method_mask(recipe: Recipe, model, train_dataset, collator) -> Optional[Fish
     if recipe.method in FISHER_METHODS:
         mask = compute_fisher_mask(
             model, fisher_loader(recipe, train_dataset, collator), recipe.keep_ratio, recipe.num_samples,
-            selection=recipe.selection, eligible=recipe.eligible, fisher=recipe.fisher, progress=True,
+            selection=recipe.selection, eligible=recipe.eligible, fisher=recipe.fisher, score=recipe.score, progress=True,
             per_process=recipe.merge_every is not None and recipe.mask_sharing == "individual",
         )
         return linear_mask(model, mask) if recipe.method == "shira_fish" else mask

@@ -12,7 +12,6 @@ parameter's per-example gradients are squared during the backward, as soon as it
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Optional, Union
 
@@ -28,14 +27,9 @@ from fish_peft.distributed.processes import (
     sum_across_processes,
     tensors_digest,
 )
-from fish_peft.masks.losses import check_model_loss, loss_kind, per_example_loss, sample_labels
-from fish_peft.masks.per_example import CallRecorder, add_square_sum
-from fish_peft.masks.sampled_gradients import compared_entries, squared_gradients_at
+from fish_peft.masks.fisher_scorer import FisherScorer, batch_size, slice_batch
 
 FISHER_TYPES = ("empirical", "expected")
-MAX_EXACT_CLASSES = 64  # up to this many classes the expected Fisher sums over classes instead of sampling
-VERIFY_EXAMPLES = 4  # examples on which the vectorised path is checked against the loop
-LOSS_CHECK_EXAMPLES = 2  # examples whose per-example loss is checked against the model's own
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -56,7 +50,8 @@ def compute_fisher(
     per_process: bool = False,
     score_dtype: torch.dtype = torch.float32,
     score_device: Optional[Union[str, torch.device]] = None,
-) -> dict[str, torch.Tensor]:
+    gradient_sums: bool = False,
+) -> Union[dict[str, torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """Diagonal Fisher information of `model` on the first `num_samples` examples of `dataloader`.
 
     Args:
@@ -83,14 +78,19 @@ def compute_fisher(
         score_dtype: the scores' dtype; torch.bfloat16 halves their memory (each chunk is still summed in float32).
         score_device: where the scores are kept (e.g. "cpu" for a model that fills its GPU); default: with each
             parameter.
+        gradient_sums: also sum the per-example gradients themselves over the same examples (float32, empirical
+            Fisher only), for scores that need the mean gradient beside the Fisher (`gradient_snr`).
 
     Returns:
-        {parameter name: tensor of `score_dtype` shaped like the parameter}.
+        {parameter name: tensor of `score_dtype` shaped like the parameter}; with `gradient_sums`, that and
+        {parameter name: Σ of the per-example gradients}.
     """
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
     if fisher == "expected" and loss_fn is not None:
         raise ValueError("fisher='expected' needs the model's own likelihood; it cannot be combined with loss_fn.")
+    if fisher == "expected" and gradient_sums:
+        raise ValueError("gradient_sums are the gradients at the gold labels: use them with fisher='empirical'.")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -111,7 +111,7 @@ def compute_fisher(
             "parameters out (eligible=... / parameters=...)."
         )
     generator = torch.Generator().manual_seed(seed)
-    scorer = _FisherScorer(model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device)
+    scorer = FisherScorer(model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device, gradient_sums)
     was_training = model.training
     requires_grad = {name: p.requires_grad for name, p in params.items()}
     model.eval()  # no dropout: each example's gradient is a deterministic function of the example
@@ -155,7 +155,9 @@ def compute_fisher(
     if world > 1:
         raise_together(error, "computing the Fisher")
         sum_across_processes(scorer.scores)
-    return scorer.scores
+        if gradient_sums:
+            sum_across_processes(scorer.sums)
+    return (scorer.scores, scorer.sums) if gradient_sums else scorer.scores
 
 
 def _score_stream(scorer, dataloader, params, span: tuple[int, int], offset: int, chunk_size: int, progress: bool) -> int:
@@ -166,189 +168,18 @@ def _score_stream(scorer, dataloader, params, span: tuple[int, int], offset: int
     bar = _progress_bar(stop - start, progress)
     for batch in dataloader:
         batch = _as_model_batch(batch, _device_of(params))
-        size = _batch_size(batch)
+        size = batch_size(batch)
         first, last = max(start, seen), min(stop, seen + size)
         if first < last:
             for chunk in range(first, last, chunk_size):
                 end = min(chunk + chunk_size, last)
-                scorer.score(_slice(batch, chunk - seen, end - seen), first_example=offset + chunk)
+                scorer.score(slice_batch(batch, chunk - seen, end - seen), first_example=offset + chunk)
             bar.update(last - first)
         seen += size
         if seen >= stop:
             break
     bar.close()
     return min(seen, stop)
-
-
-class _FisherScorer:
-    """Accumulates squared per-example gradients chunk by chunk into `scores`."""
-
-    def __init__(self, model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device):
-        self.model, self.params, self.fisher, self.loss_fn, self.generator = model, params, fisher, loss_fn, generator
-        self.scores = {
-            name: torch.zeros(p.shape, dtype=score_dtype, device=p.device if score_device is None else score_device)
-            for name, p in params.items()
-        }
-        self.recorder = CallRecorder(model, params) if vectorized else None
-        self.vectorized_names = set(self.recorder.hooked_parameters) if vectorized else set()
-        self.verified = not vectorized
-        self.loss_checked = loss_fn is not None
-
-    def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.remove()
-
-    def score(self, batch: dict, first_example: int) -> None:
-        if not self.loss_checked:
-            for i in range(min(LOSS_CHECK_EXAMPLES, _batch_size(batch))):
-                check_model_loss(self.model, _slice(batch, i, i + 1), first_example + i)
-            self.loss_checked = True
-        if not self.verified:
-            head = min(VERIFY_EXAMPLES, _batch_size(batch))
-            self._verify(_slice(batch, 0, head), first_example)
-            if self.fisher == "empirical":  # the check scored these examples already
-                batch, first_example = _slice(batch, head, _batch_size(batch)), first_example + head
-        if not _batch_size(batch):
-            return
-        if self.vectorized_names:
-            self._score_vectorized(batch, first_example, self.fisher, self._accumulate)
-        self._score_looped(batch, first_example)
-
-    def _verify(self, batch: dict, first_example: int) -> None:
-        """On the first few examples, each parameter's vectorised score must equal the one-example loop's (at the
-        gold labels) at a bounded sample of its entries (`compared_entries`). A parameter whose per-example
-        gradients the hooks cannot rebuild is scored by the loop. For the empirical Fisher the vectorised scores of
-        these examples are kept as theirs."""
-        entries, vectorised = {}, {}
-
-        def sample(name: str, contributions: list) -> None:
-            if self.fisher == "empirical" and self._in_place(name):  # still zero, so they hold these examples' alone
-                full = self.scores[name]
-                add_square_sum(contributions, full)
-            else:
-                full = torch.zeros(self.params[name].shape, dtype=torch.float32, device=self.params[name].device)
-                add_square_sum(contributions, full)
-                if self.fisher == "empirical":
-                    self._add(name, full)
-            entries[name] = compared_entries(full.view(-1))
-            vectorised[name] = full.view(-1)[entries[name]]
-
-        self._score_vectorized(batch, first_example, "empirical", sample)
-        for name in self.vectorized_names - set(entries):  # no module call of theirs was recorded: scored 0
-            entries[name] = compared_entries(torch.zeros(self.params[name].numel(), device=self.params[name].device))
-            vectorised[name] = torch.zeros(entries[name].numel(), device=entries[name].device)
-        examples = [_slice(batch, i, i + 1) for i in range(_batch_size(batch))]
-        losses = (next(self._weighted_losses(e, first_example + i, "empirical")) for i, e in enumerate(examples))
-        reference = squared_gradients_at({name: self.params[name] for name in entries}, entries, losses)
-        scale = max((float(r.abs().max()) for r in reference.values() if r.numel()), default=0.0)
-        self.vectorized_names = {
-            name for name in self.vectorized_names
-            if not entries[name].numel()
-            or (vectorised[name] - reference[name]).abs().max()
-            <= _tolerance(self.params[name].dtype) * reference[name].abs().max() + 1e-5 * scale
-        }
-        looped = sorted(set(self.params) - self.vectorized_names)
-        if self.fisher == "empirical":
-            for name in looped:
-                self.scores[name].zero_()
-            self._score_looped(batch, first_example)
-        if looped:
-            warnings.warn(
-                f"{len(looped)} parameter(s) are scored one example at a time (slower) because their per-example "
-                f"gradients cannot be rebuilt from one backward pass: {', '.join(looped[:3])}"
-                + (" ..." if len(looped) > 3 else ""),
-                stacklevel=5,
-            )
-        self.verified = True
-
-    def _weighted_losses(self, batch: dict, first_example: int, fisher: str):
-        """Forward once; yield the per-example losses whose summed squared gradients make the Fisher."""
-        outputs = self.model(**_model_inputs(self.model, batch))
-        if self.loss_fn is not None:
-            losses = self.loss_fn(outputs, batch)
-            _check_finite(losses, first_example)
-            yield losses
-            return
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        labels = batch["labels"]
-        kind = loss_kind(self.model, logits, labels)
-        if fisher == "empirical":
-            losses = per_example_loss(kind, logits, labels)
-            _check_finite(losses, first_example)
-            yield losses
-        elif kind == "single_label" and logits.shape[-1] <= MAX_EXACT_CLASSES:
-            probs = torch.softmax(logits.detach().float(), dim=-1)
-            for c in range(logits.shape[-1]):
-                losses = per_example_loss(kind, logits, torch.full_like(labels, c))
-                _check_finite(losses, first_example)
-                yield losses * probs[:, c].sqrt()  # squared later: weight p_c on g_c²
-        else:
-            losses = per_example_loss(kind, logits, sample_labels(kind, logits, labels, self.generator))
-            _check_finite(losses, first_example)
-            yield losses
-
-    def _score_vectorized(self, batch: dict, first_example: int, fisher: str, accumulate) -> None:
-        """One forward and one backward per loss; `accumulate(name, contributions)` takes each parameter's
-        per-example gradients in turn."""
-        with self.recorder.recording(_batch_size(batch)):
-            passes = self._weighted_losses(batch, first_example, fisher)
-            losses = next(passes)
-        self.vectorized_names -= self.recorder.unbatched
-        if not self.recorder.calls:
-            raise ValueError("No module that owns a scored parameter took part in the forward pass.")
-        while losses is not None:
-            following = next(passes, None)
-            self.recorder.backward(losses.sum(), self.vectorized_names, accumulate, last=following is None)
-            losses = following
-        self.recorder.calls = []
-
-    def _score_looped(self, batch: dict, first_example: int) -> None:
-        """The parameters the hooks cannot score, one example at a time."""
-        names = [name for name in self.params if name not in self.vectorized_names]
-        params = [self.params[name] for name in names]
-        for i in range(_batch_size(batch) if names else 0):
-            for losses in self._weighted_losses(_slice(batch, i, i + 1), first_example + i, self.fisher):
-                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=True)
-                for name, grad in zip(names, grads):
-                    if grad is not None:
-                        self._add(name, grad.float().pow(2))
-
-    def _in_place(self, name: str) -> bool:
-        """Whether a parameter's scores can take squared gradients directly (float32, on the parameter's device)."""
-        return self.scores[name].dtype == torch.float32 and self.scores[name].device == self.params[name].device
-
-    def _accumulate(self, name: str, contributions: list) -> None:
-        if self._in_place(name):
-            add_square_sum(contributions, self.scores[name])
-        else:  # summed in float32 on the model's device, then added once
-            full = torch.zeros(self.params[name].shape, dtype=torch.float32, device=self.params[name].device)
-            add_square_sum(contributions, full)
-            self._add(name, full)
-
-    def _add(self, name: str, squares: torch.Tensor) -> None:
-        self.scores[name].add_(squares.to(self.scores[name].device))
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    """Relative difference allowed between the vectorised and the looped scores of a parameter of `dtype`: the two
-    paths round differently, by about the dtype's precision (bfloat16 keeps 8 bits of mantissa)."""
-    return 1e-3 if torch.finfo(dtype).bits >= 32 else 5 * torch.finfo(dtype).eps
-
-
-def _check_finite(losses: torch.Tensor, first_example: int) -> None:
-    bad = (~torch.isfinite(losses.detach())).nonzero().flatten()
-    if bad.numel():
-        raise ValueError(
-            f"The loss is NaN/inf for example {first_example + int(bad[0])} during the Fisher pass. Check its labels "
-            "(in range for the head?) and inputs, or compute the Fisher in float32."
-        )
-
-
-def _model_inputs(model: nn.Module, batch: dict) -> dict:
-    """What to pass to the model: labels only where it needs them to build decoder inputs."""
-    config = getattr(model, "config", None)
-    needs_labels = getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in batch
-    return {k: v for k, v in batch.items() if k != "labels" or needs_labels}
 
 
 def _as_model_batch(batch, device) -> dict:
@@ -360,15 +191,6 @@ def _as_model_batch(batch, device) -> dict:
     if "labels" not in batch:
         raise ValueError("Batches need gold 'labels' for the Fisher (the paper scores the loss at the gold label).")
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _batch_size(batch: dict) -> int:
-    return batch["labels"].shape[0]
-
-
-def _slice(batch: dict, start: int, end: int) -> dict:
-    size = _batch_size(batch)
-    return {k: v[start:end] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
 
 
 def _device_of(params: Mapping[str, nn.Parameter]) -> torch.device:

@@ -44,6 +44,9 @@ class OuterProducts:
                 grad = torch.mm(left[start : start + rows], right, out=block[: min(rows, out.shape[0] - start)])
                 out[start : start + rows].addcmul_(grad, grad)
 
+    def add_sum(self, out: torch.Tensor) -> None:
+        out.addmm_(self.left[self.tokens].T, self.right[self.tokens])
+
     def dense(self) -> torch.Tensor:
         return torch.bmm(self.left.transpose(1, 2), self.right)
 
@@ -61,6 +64,9 @@ class EmbeddingRows:
     def add_square_sum(self, out: torch.Tensor) -> None:
         out.index_add_(0, self.rows, self.values.pow(2))
 
+    def add_sum(self, out: torch.Tensor) -> None:
+        out.index_add_(0, self.rows, self.values)
+
     def dense(self) -> torch.Tensor:
         out = torch.zeros((self.batch, *self.shape), dtype=torch.float32, device=self.values.device)
         out[self.examples, self.rows] = self.values
@@ -76,6 +82,9 @@ class Dense:
     def add_square_sum(self, out: torch.Tensor) -> None:
         out += self.grads.square().sum(0)
 
+    def add_sum(self, out: torch.Tensor) -> None:
+        out += self.grads.sum(0)
+
     def dense(self) -> torch.Tensor:
         return self.grads
 
@@ -86,6 +95,12 @@ def add_square_sum(contributions: list, out: torch.Tensor) -> None:
         contributions[0].add_square_sum(out)
     else:
         out += sum(c.dense() for c in contributions).square_().sum(0)
+
+
+def add_gradient_sum(contributions: list, out: torch.Tensor) -> None:
+    """out += Σ_examples Σ_calls g for one parameter (the gradient of the summed loss)."""
+    for contribution in contributions:
+        contribution.add_sum(out)
 
 
 def _first_input(args: tuple, kwargs: dict, batch: int) -> torch.Tensor:

@@ -22,6 +22,10 @@ from fish_peft.masks.top_k import top_k
 
 HEAD_MODULE_NAMES = ("classifier", "score")  # the heads PEFT keeps trainable for sequence classification
 SELECTIONS = ("global", "per_module")
+SCORES = ("fisher", "gradient_snr")  # what ranks the entries of compute_fisher_mask
+# gradient_snr: entries whose mean squared gradient is below this share of the largest one's (gradients 1e-5 the
+# size) carry only rounding noise, e.g. an attention key's bias, which softmax ignores; they score 0
+NO_SIGNAL = 1e-10
 # what PEFT wrappers add to a model's parameter names (FISH, LoRA, SHiRA, Super-Tuning values; copies of the head)
 ADDED_BY_PEFT = (
     ".fish_values.", ".fish_explore_values.", ".modules_to_save.", ".lora_", ".shira_weight.", ".supertuning_",
@@ -170,9 +174,11 @@ def compute_fisher_mask(
     selection: str = "global",
     eligible: Eligible = None,
     fisher: str = "empirical",
+    score: str = "fisher",
     **fisher_kwargs,
 ) -> FishMask:
-    """The FISH mask: the `keep_ratio` share of parameters with the largest Fisher information.
+    """The FISH mask: the `keep_ratio` share of parameters with the largest Fisher information, or with
+    `score="gradient_snr"` the largest `gradient_snr` of the same examples (empirical Fisher only).
 
     `modules_to_save="auto"` keeps the task head (`classifier`/`score`) fully trainable and counts it inside the
     budget; `eligible` (a regex on parameter names or a `(name, param) -> bool` callable) narrows the candidates,
@@ -180,14 +186,34 @@ def compute_fisher_mask(
     `compute_fisher`.
     """
     check_keep_ratio(keep_ratio)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
+    if score == "gradient_snr" and fisher != "empirical":
+        raise ValueError("score='gradient_snr' ranks the gradients at the gold labels: use it with fisher='empirical'.")
 
     def score_fn(candidates):
-        return compute_fisher(model, dataloader, num_samples, parameters=candidates, fisher=fisher, **fisher_kwargs)
+        if score == "fisher":
+            return compute_fisher(model, dataloader, num_samples, parameters=candidates, fisher=fisher, **fisher_kwargs)
+        squares, sums = compute_fisher(
+            model, dataloader, num_samples, parameters=candidates, fisher=fisher, gradient_sums=True, **fisher_kwargs
+        )
+        floor = NO_SIGNAL * max(float(s.max()) for s in squares.values())
+        return {name: gradient_snr(squares[name], sums[name], floor) for name in squares}
 
     info = {"method": "fisher", "fisher": fisher, "num_samples": num_samples}
+    if score != "fisher":
+        info["score"] = score
     if fisher_kwargs.get("per_process"):
         info["per_process"] = True  # each process its own mask: not compared across processes
     return build_mask(model, score_fn, keep_ratio, info, modules_to_save=modules_to_save, selection=selection, eligible=eligible)
+
+
+def gradient_snr(squares: torch.Tensor, sums: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """(Σ g)² / Σ g² over the examples: how consistently they push an entry one way, from 0 to the number of
+    examples. It ranks entries like the gradient's signal-to-noise ratio E[g]² / Var(g), and like the size of a first
+    Adam step of full fine-tuning; an entry whose Σ g² is not above `floor` scores 0."""
+    squares = squares.float()
+    return torch.where(squares > floor, sums.float().square() / squares.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
 def mask_from_scores(

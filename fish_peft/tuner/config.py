@@ -13,7 +13,7 @@ from peft.config import PeftConfig
 from fish_peft.tuner.peft_type import FISH_PEFT_TYPE
 from fish_peft.masks.fish_mask import FishMask
 from fish_peft.masks.fisher import FISHER_TYPES
-from fish_peft.masks.selection import check_keep_ratio
+from fish_peft.masks.selection import SCORES, check_keep_ratio
 
 MASK_UPDATES = (None, "topkast", "sparse_momentum")
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,6 +42,8 @@ class FishConfig(PeftConfig):
         num_samples: examples the Fisher of a `keep_ratio` config is computed on (all of them if the data holds
             fewer).
         fisher: "empirical" (the paper: gold labels) or "expected" (labels drawn from the model's prediction).
+        score: what ranks the entries of a `keep_ratio` mask: "fisher" (the paper) or "gradient_snr" (how
+            consistently the examples' gradients push an entry one way; `fish_peft.masks.selection.gradient_snr`).
         trainable_token_indices: embedding rows trained in full beside the diff, by PEFT's TrainableTokens (token ids
             for the input embedding, or {layer name: token ids}); TRL sets it for the tokens a chat template adds.
             The mask holds no entries in those embeddings.
@@ -99,6 +101,7 @@ class FishConfig(PeftConfig):
         default=None, metadata={"help": "Embedding rows trained in full beside the diff (PEFT's TrainableTokens)."}
     )
     fisher: str = field(default="empirical", metadata={"help": "'empirical' (gold labels) or 'expected' Fisher."})
+    score: str = field(default="fisher", metadata={"help": "What ranks a keep_ratio mask's entries: 'fisher' or 'gradient_snr'."})
 
     def __post_init__(self, mask: Optional[FishMask]):
         super().__post_init__()
@@ -124,6 +127,10 @@ class FishConfig(PeftConfig):
             raise ValueError(f"FishConfig: num_samples must be a positive integer, got {self.num_samples!r}.")
         if self.fisher not in FISHER_TYPES:
             raise ValueError(f"FishConfig: fisher must be one of {FISHER_TYPES}, got {self.fisher!r}.")
+        if self.score not in SCORES:
+            raise ValueError(f"FishConfig: score must be one of {SCORES}, got {self.score!r}.")
+        if self.score == "gradient_snr" and self.fisher != "empirical":
+            raise ValueError("FishConfig: score='gradient_snr' ranks the gradients at the gold labels; use it with fisher='empirical'.")
         if not self.sparse_parameters and self.keep_ratio is None:
             raise ValueError(
                 "FishConfig needs a mask or a keep_ratio: compute a mask with `compute_fisher_mask(model, dataloader, "

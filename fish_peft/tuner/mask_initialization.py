@@ -61,6 +61,7 @@ def initialize_fish_mask(model: nn.Module, dataloader: Iterable, adapter_name: s
             modules_to_save=config.modules_to_save or None,
             eligible=lambda name, _param: name in eligible,
             fisher=config.fisher,
+            score=config.score,
             **fisher_kwargs,
         )
     finally:

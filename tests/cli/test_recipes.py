@@ -78,6 +78,8 @@ def test_overrides_are_converted_to_each_keys_type():
     ({"mask_update": "rigl"}, "mask_update must be one of none, topkast, sparse_momentum"),
     ({"methods": "fish,prompt"}, "methods must be one of"),
     ({"fisher": "observed"}, "fisher must be one of empirical, expected"),
+    ({"score": "snr"}, "score must be one of fisher, gradient_snr"),
+    ({"score": "gradient_snr", "fisher": "expected"}, "score gradient_snr ranks the gradients at the gold labels"),
     ({"save_steps": "0"}, "save_steps must be at least 1"),
 ])
 def test_bad_keys_and_values_are_refused_with_what_is_allowed(overrides, message):
@@ -99,11 +101,11 @@ def test_allowed_values_written_out_for_help_agree_with_the_library():
     from fish_peft.cli import recipe
     from fish_peft.dynamic.densities import DISTRIBUTIONS
     from fish_peft.masks.fisher import FISHER_TYPES
-    from fish_peft.masks.selection import SELECTIONS
+    from fish_peft.masks.selection import SCORES, SELECTIONS
     from fish_peft.tuner.config import MASK_UPDATES, SAVE_DTYPES
 
     assert recipe.MASK_UPDATES == MASK_UPDATES and recipe.FISHER_TYPES == FISHER_TYPES
-    assert recipe.SELECTIONS == SELECTIONS and recipe.DISTRIBUTIONS == DISTRIBUTIONS
+    assert recipe.SELECTIONS == SELECTIONS and recipe.DISTRIBUTIONS == DISTRIBUTIONS and recipe.SCORES == SCORES
     assert set(recipe.SAVE_DTYPES) == {None, *SAVE_DTYPES}
 
 

@@ -16,19 +16,22 @@ from tests.workers.fisher_worker import examples
 def single_process_fisher(num_samples, order=None):
     data = examples() if order is None else [examples()[i] for i in order]
     loader = torch.utils.data.DataLoader(data, batch_size=2)
-    scores = compute_fisher(tiny_bert(seed=0), loader, num_samples=num_samples, chunk_size=3)
-    mask = compute_fisher_mask(tiny_bert(seed=0), loader, keep_ratio=0.05, num_samples=num_samples, chunk_size=3)
-    return scores, mask
+    scores, sums = compute_fisher(tiny_bert(seed=0), loader, num_samples=num_samples, chunk_size=3, gradient_sums=True)
+    options = {"keep_ratio": 0.05, "num_samples": num_samples, "chunk_size": 3}
+    masks = {score: compute_fisher_mask(tiny_bert(seed=0), loader, score=score, **options) for score in ("fisher", "gradient_snr")}
+    return {**scores, **{f"sum:{name}": t for name, t in sums.items()}}, masks
 
 
 def check_run(out, num_samples, order=None):
-    expected, mask = single_process_fisher(num_samples, order)
+    expected, masks = single_process_fisher(num_samples, order)
+    digests = {"digest": masks["fisher"].digest(), "selected": masks["fisher"].num_selected,
+               "gradient_snr": masks["gradient_snr"].digest()}
     for rank in (0, 1):
-        scores = load_file(out / f"scores{rank}.safetensors")
+        scores = load_file(out / f"scores{rank}.safetensors")  # the Fisher, and the summed gradients (sum:...)
         assert scores.keys() == expected.keys()
         for name in expected:
-            assert_close(scores[name], expected[name], rtol=1e-5, atol=1e-9)
-        assert json.loads((out / f"mask{rank}.json").read_text()) == {"digest": mask.digest(), "selected": mask.num_selected}
+            assert_close(scores[name], expected[name], rtol=1e-5, atol=1e-7 if name.startswith("sum:") else 1e-9)
+        assert json.loads((out / f"mask{rank}.json").read_text()) == digests
 
 
 def test_fisher_over_one_stream_is_split_between_processes_and_summed(tmp_path):

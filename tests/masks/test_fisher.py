@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fish_peft import compute_fisher
-from fish_peft.masks import fisher as fisher_module
+from fish_peft.masks import fisher_scorer
 from fish_peft.masks import per_example, sampled_gradients
 from tests.models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -186,13 +186,13 @@ class WideLeakyModel(LeakyModel):
 def test_the_self_check_compares_a_bounded_sample_yet_catches_a_leaky_parameter(monkeypatch):
     monkeypatch.setattr(sampled_gradients, "MAX_ENTRIES", 64)
     compared = {}
-    real = fisher_module.squared_gradients_at
+    real = fisher_scorer.squared_gradients_at
 
     def spy(params, entries, losses):
         compared.update({name: idx.numel() for name, idx in entries.items()})
         return real(params, entries, losses)
 
-    monkeypatch.setattr(fisher_module, "squared_gradients_at", spy)
+    monkeypatch.setattr(fisher_scorer, "squared_gradients_at", spy)
     torch.manual_seed(0)
     model = WideLeakyModel()
     batches = [{"x": torch.randn(6, 48), "labels": torch.randint(0, 3, (6,))} for _ in range(2)]

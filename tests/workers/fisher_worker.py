@@ -5,7 +5,8 @@ usage: fisher_worker.py OUT_DIR MODE, MODE one of
   sharded  a DataLoader prepared by Accelerate (each process its own batches; num_samples=12, all of them)
   short    rank 1's shard is too short: every process must fail, none may hang
   models   rank 1 holds another model: detected before any scoring
-Each process writes scores{rank}.safetensors, mask{rank}.json and collectives{rank}.json (see collective_log.py).
+Each process writes scores{rank}.safetensors (the Fisher, and the summed gradients as `sum:` entries), mask{rank}.json
+(the Fisher mask's and the gradient_snr mask's digests) and collectives{rank}.json (see collective_log.py).
 """
 
 import json
@@ -39,10 +40,14 @@ def main(out: Path, mode: str) -> None:
     if mode == "sharded":
         loader = accelerator.prepare(loader)
     sharded = mode in ("sharded", "short")
-    scores = compute_fisher(model, loader, num_samples=num_samples, chunk_size=3, sharded=sharded)
-    mask = compute_fisher_mask(model, loader, keep_ratio=0.05, num_samples=num_samples, chunk_size=3, sharded=sharded)
-    save_file({name: t.contiguous() for name, t in scores.items()}, str(out / f"scores{rank}.safetensors"))
-    (out / f"mask{rank}.json").write_text(json.dumps({"digest": mask.digest(), "selected": mask.num_selected}))
+    scores, sums = compute_fisher(model, loader, num_samples=num_samples, chunk_size=3, sharded=sharded, gradient_sums=True)
+    options = {"keep_ratio": 0.05, "num_samples": num_samples, "chunk_size": 3, "sharded": sharded}
+    mask = compute_fisher_mask(model, loader, **options)
+    snr_mask = compute_fisher_mask(model, loader, score="gradient_snr", **options)
+    tensors = {**scores, **{f"sum:{name}": t for name, t in sums.items()}}
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(out / f"scores{rank}.safetensors"))
+    digests = {"digest": mask.digest(), "selected": mask.num_selected, "gradient_snr": snr_mask.digest()}
+    (out / f"mask{rank}.json").write_text(json.dumps(digests))
     save_collectives(calls, out, rank)
     accelerator.end_training()
 
