@@ -13,8 +13,8 @@ split (`evaluate_on: tuning`), or with `--evaluate-on validation` on the validat
     fisher_interaction_by_matrix  the same, then divided by its mean per matrix
     gradient             G²: what one full-batch gradient step would move most
     gradient_by_column   G²_ij / mean_i G²_ij
-    gradient_snr         G² / F: how consistently the examples push an entry the same way (the share of the
-                         second moment that the mean explains; it ranks like the gradient signal-to-noise ratio)
+    gradient_snr         G² / F: how consistently the examples push an entry the same way (the library's
+                         `score="gradient_snr"`; it ranks like the gradient's signal-to-noise ratio)
     fisher_sampled_0.5   sampled without replacement with probability ∝ F^0.5 (Gumbel top-k, seeded)
 
 Prints JSON: {score: {lr: {metric: value}, ...}} and each mask's spread (share of the budget in the 3 fullest
@@ -39,7 +39,7 @@ import torch
 import fish_peft.cli.training as training
 from fish_peft.cli.command import main as fish_peft
 from fish_peft.masks.fisher import compute_fisher
-from fish_peft.masks.selection import base_named_parameters, mask_from_scores
+from fish_peft.masks.selection import NO_SIGNAL, base_named_parameters, gradient_snr, mask_from_scores
 
 EPS = 1e-30
 
@@ -65,34 +65,9 @@ SCORES = {  # (name, Fisher F, mean gradient G) -> score
     "fisher_interaction_by_matrix": lambda n, f, g: interaction(f) / (interaction(f).mean() + EPS),
     "gradient": lambda n, f, g: g.square(),
     "gradient_by_column": lambda n, f, g: by_columns(g.square()),
-    "gradient_snr": lambda n, f, g: g.square() / (f + EPS),
+    "gradient_snr": lambda n, f, g: gradient_snr(f, g),
     "fisher_sampled_0.5": lambda n, f, g: sampled(f, n, 0.5),
 }
-
-
-def mean_gradient(model, batches, params):
-    """The gradient of the mean loss over `batches` (dropout off, as for the Fisher)."""
-    was_training = model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    total = sum(len(b["labels"]) for b in batches)
-    for batch in batches:
-        (model(**batch).loss * len(batch["labels"]) / total).backward()
-    grads = {name: p.grad.detach().clone() for name, p in params.items()}
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return grads
-
-
-def first_examples(loader, num_samples):
-    batches, seen = [], 0
-    for batch in loader:
-        take = min(len(batch["labels"]), num_samples - seen)
-        batches.append({k: v[:take] for k, v in batch.items()})
-        seen += take
-        if seen == num_samples:
-            return batches
-    raise ValueError(f"the training data holds fewer than num_samples={num_samples} examples")
 
 
 def spread(mask):
@@ -106,10 +81,11 @@ def masks_scored_by(score, spreads):
 
     def compute_mask(model, loader, keep_ratio, num_samples, *, selection, eligible, fisher, **_):
         params = {n: p for n, p in base_named_parameters(model) if eligible is None or re.search(eligible, n)}
-        batches = first_examples(loader, num_samples)
-        fisher_scores = compute_fisher(model, batches, num_samples, parameters=params, fisher=fisher)
-        grads = mean_gradient(model, batches, params) if score.startswith("gradient") else {}
-        scores = {n: SCORES[score](n, f.float() / num_samples, grads.get(n, f).float()) for n, f in fisher_scores.items()}
+        squares, sums = compute_fisher(model, loader, num_samples, parameters=params, fisher=fisher, gradient_sums=True)
+        if score == "gradient_snr":  # entries with only rounding noise score 0, as in the library
+            floor = NO_SIGNAL * max(float(f.max()) for f in squares.values())
+            squares = {n: torch.where(f > floor, f, 0.0) for n, f in squares.items()}
+        scores = {n: SCORES[score](n, f / num_samples, sums[n] / num_samples) for n, f in squares.items()}
         mask = mask_from_scores(model, scores, keep_ratio, eligible=eligible, selection=selection)
         spreads[score] = spread(mask)
         return mask
