@@ -108,7 +108,9 @@ class Recipe(Seeded, TrainedByMethod):
         check_at_least(self, 1, "num_samples", "max_length", "lora_r", "update_every", "merge_every", "recompute_every")
         self._check_merging()
         if self.score == "gradient_snr" and self.fisher != "empirical":
-            raise ValueError("Recipe: score gradient_snr ranks the gradients at the gold labels; it needs fisher: empirical.")
+            raise ValueError(
+                "Recipe: score gradient_snr ranks the gradients at the gold labels; it needs fisher: empirical."
+            )
         self.training = {**TRAINING_DEFAULTS, **self.training}
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "save_steps"):
             if self.training.get(name) is not None and self.training[name] < 1:

@@ -24,7 +24,9 @@ def fish_config(recipe: SFTRecipe, mask: Optional[FishMask] = None) -> FishConfi
                   task_type=CAUSAL_LM)
     if mask is not None:
         return FishConfig(mask=mask, **shared)
-    return FishConfig(keep_ratio=recipe.keep_ratio, num_samples=recipe.num_samples, fisher=recipe.fisher, score=recipe.score, **shared)
+    return FishConfig(
+        keep_ratio=recipe.keep_ratio, num_samples=recipe.num_samples, fisher=recipe.fisher, score=recipe.score, **shared
+    )
 
 
 def check_fish_budget(recipe: SFTRecipe, model) -> dict:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from fish_peft.cli.recipe_base import FISHER_TYPES, SAVE_DTYPES, SCORES, SET_BY_RUN, TRAINING_ALIASES, Seeded, TrainedByMethod
+from fish_peft.cli.recipe_base import (
+    FISHER_TYPES, SAVE_DTYPES, SCORES, SET_BY_RUN, TRAINING_ALIASES, Seeded, TrainedByMethod,
+)
 from fish_peft.cli.recipe_keys import check_at_least, check_choices, key
 
 SFT_TASK = "sft"

@@ -23,13 +23,17 @@ class FisherScorer:
     """Accumulates squared per-example gradients chunk by chunk into `scores` and, with `gradient_sums` (empirical
     Fisher only), the per-example gradients themselves into `sums` (float32, where the scores are)."""
 
-    def __init__(self, model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device, gradient_sums=False):
+    def __init__(
+        self, model, params, fisher, loss_fn, generator, vectorized, score_dtype, score_device, gradient_sums=False
+    ):
         self.model, self.params, self.fisher, self.loss_fn, self.generator = model, params, fisher, loss_fn, generator
         self.scores = {
             name: torch.zeros(p.shape, dtype=score_dtype, device=p.device if score_device is None else score_device)
             for name, p in params.items()
         }
-        self.sums = {name: torch.zeros(s.shape, device=s.device) for name, s in self.scores.items()} if gradient_sums else None
+        self.sums = None
+        if gradient_sums:
+            self.sums = {name: torch.zeros(s.shape, device=s.device) for name, s in self.scores.items()}
         self.recorder = CallRecorder(model, params) if vectorized else None
         self.vectorized_names = set(self.recorder.hooked_parameters) if vectorized else set()
         self.verified = not vectorized

@@ -101,7 +101,9 @@ class FishConfig(PeftConfig):
         default=None, metadata={"help": "Embedding rows trained in full beside the diff (PEFT's TrainableTokens)."}
     )
     fisher: str = field(default="empirical", metadata={"help": "'empirical' (gold labels) or 'expected' Fisher."})
-    score: str = field(default="fisher", metadata={"help": "What ranks a keep_ratio mask's entries: 'fisher' or 'gradient_snr'."})
+    score: str = field(
+        default="fisher", metadata={"help": "What ranks a keep_ratio mask's entries: 'fisher' or 'gradient_snr'."}
+    )
 
     def __post_init__(self, mask: Optional[FishMask]):
         super().__post_init__()
@@ -130,7 +132,9 @@ class FishConfig(PeftConfig):
         if self.score not in SCORES:
             raise ValueError(f"FishConfig: score must be one of {SCORES}, got {self.score!r}.")
         if self.score == "gradient_snr" and self.fisher != "empirical":
-            raise ValueError("FishConfig: score='gradient_snr' ranks the gradients at the gold labels; use it with fisher='empirical'.")
+            raise ValueError(
+                "FishConfig: score='gradient_snr' ranks the gradients at the gold labels; use it with fisher='empirical'."
+            )
         if not self.sparse_parameters and self.keep_ratio is None:
             raise ValueError(
                 "FishConfig needs a mask or a keep_ratio: compute a mask with `compute_fisher_mask(model, dataloader, "
