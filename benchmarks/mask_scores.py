@@ -39,7 +39,7 @@ import torch
 import fish_peft.cli.training as training
 from fish_peft.cli.command import main as fish_peft
 from fish_peft.masks.fisher import compute_fisher
-from fish_peft.masks.selection import NO_SIGNAL, base_named_parameters, gradient_snr, mask_from_scores
+from fish_peft.masks.selection import base_named_parameters, gradient_snr_scores, mask_from_scores
 
 EPS = 1e-30
 
@@ -57,7 +57,7 @@ def sampled(s, name, power):
     return (power * torch.log(s.double() + EPS) - torch.log(-torch.log(uniform.clamp_min(1e-300)))).float()
 
 
-SCORES = {  # (name, Fisher F, mean gradient G) -> score
+SCORES = {  # (name, Fisher F, mean gradient G) -> score; gradient_snr comes from the library (gradient_snr_scores)
     "fisher": lambda n, f, g: f,
     "fisher_by_column": lambda n, f, g: by_columns(f),
     "fisher_by_matrix": lambda n, f, g: f / (f.mean() + EPS),
@@ -65,7 +65,6 @@ SCORES = {  # (name, Fisher F, mean gradient G) -> score
     "fisher_interaction_by_matrix": lambda n, f, g: interaction(f) / (interaction(f).mean() + EPS),
     "gradient": lambda n, f, g: g.square(),
     "gradient_by_column": lambda n, f, g: by_columns(g.square()),
-    "gradient_snr": lambda n, f, g: gradient_snr(f, g),
     "fisher_sampled_0.5": lambda n, f, g: sampled(f, n, 0.5),
 }
 
@@ -82,10 +81,10 @@ def masks_scored_by(score, spreads):
     def compute_mask(model, loader, keep_ratio, num_samples, *, selection, eligible, fisher, **_):
         params = {n: p for n, p in base_named_parameters(model) if eligible is None or re.search(eligible, n)}
         squares, sums = compute_fisher(model, loader, num_samples, parameters=params, fisher=fisher, gradient_sums=True)
-        if score == "gradient_snr":  # entries with only rounding noise score 0, as in the library
-            floor = NO_SIGNAL * max(float(f.max()) for f in squares.values())
-            squares = {n: torch.where(f > floor, f, 0.0) for n, f in squares.items()}
-        scores = {n: SCORES[score](n, f / num_samples, sums[n] / num_samples) for n, f in squares.items()}
+        if score == "gradient_snr":  # the library's own score
+            scores = gradient_snr_scores(squares, sums)
+        else:
+            scores = {n: SCORES[score](n, f / num_samples, sums[n] / num_samples) for n, f in squares.items()}
         mask = mask_from_scores(model, scores, keep_ratio, eligible=eligible, selection=selection)
         spreads[score] = spread(mask)
         return mask
@@ -96,7 +95,7 @@ def masks_scored_by(score, spreads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/demo.yaml")
-    parser.add_argument("--scores", default=",".join(SCORES))
+    parser.add_argument("--scores", default=",".join([*SCORES, "gradient_snr"]))
     parser.add_argument("--lrs", default="2e-3,5e-3")
     parser.add_argument("--evaluate-on", default="tuning", choices=["tuning", "validation"])
     parser.add_argument("--seed", default="0")

@@ -197,8 +197,7 @@ def compute_fisher_mask(
         squares, sums = compute_fisher(
             model, dataloader, num_samples, parameters=candidates, fisher=fisher, gradient_sums=True, **fisher_kwargs
         )
-        floor = NO_SIGNAL * max(float(s.max()) for s in squares.values())
-        return {name: gradient_snr(squares[name], sums[name], floor) for name in squares}
+        return gradient_snr_scores(squares, sums)
 
     info = {"method": "fisher", "fisher": fisher, "num_samples": num_samples}
     if score != "fisher":
@@ -206,6 +205,13 @@ def compute_fisher_mask(
     if fisher_kwargs.get("per_process"):
         info["per_process"] = True  # each process its own mask: not compared across processes
     return build_mask(model, score_fn, keep_ratio, info, modules_to_save=modules_to_save, selection=selection, eligible=eligible)
+
+
+def gradient_snr_scores(squares: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each parameter's `gradient_snr` from the Fisher pass's Σ g² and Σ g, with entries below NO_SIGNAL of the
+    largest Σ g² scored 0."""
+    floor = NO_SIGNAL * max(float(s.max()) for s in squares.values())
+    return {name: gradient_snr(squares[name], sums[name], floor) for name in squares}
 
 
 def gradient_snr(squares: torch.Tensor, sums: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
