@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fish_peft.tuner.sparse_terms import SparseTerm, csr_pattern, sparse_term
+from fish_peft.tuner.sparse_terms import CPU_MIN_BLOCK, SparseTerm, csr_pattern, sampled_gradient, sparse_term
 
 
 def dense_reference(layer, x, indices, values):
@@ -33,6 +33,21 @@ def test_the_sparse_term_equals_a_dense_layer_with_w_plus_delta(layer):
     reference.backward(g)
     torch.testing.assert_close(values.grad, reference_values.grad)
     torch.testing.assert_close(x.grad, reference_x.grad)
+
+
+@pytest.mark.parametrize("tokens", [0, 5, 2 * CPU_MIN_BLOCK, 33 * CPU_MIN_BLOCK + 17])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tokens, conv1d):
+    """In one product (few tokens) or summed over blocks of tokens, with a remainder (many)."""
+    torch.manual_seed(0)
+    rows, columns = 24, 40
+    indices = torch.randperm(rows * columns)[:50].sort().values
+    left = torch.randn(tokens, rows, dtype=torch.float64)
+    right = torch.randn(tokens, columns, dtype=torch.float64)
+    x, grad = (left, right) if conv1d else (right, left)
+    dense = left.t() @ right
+    got = sampled_gradient(csr_pattern(indices, (rows, columns)), x, grad, conv1d)
+    torch.testing.assert_close(got, dense.reshape(-1)[indices])
 
 
 def test_an_adapted_linear_never_forms_w_plus_delta_outside_an_update_step(monkeypatch):
