@@ -129,10 +129,19 @@ def _compute_dtype(values: torch.Tensor) -> torch.dtype:
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Δ as a CSR matrix of `shape`, batched if it has three sizes (its invariants hold by construction: not checked
-    on every forward)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+    on every forward). PyTorch warns once per process that CSR tensors are in beta; that one warning is silenced
+    here, and later calls skip the costly `warnings.catch_warnings` (a decoded token builds one CSR per layer)."""
+    global _csr_warned_once
+    if _csr_warned_once:
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks)")
+        matrix = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+    _csr_warned_once = True
+    return matrix
+
+
+_csr_warned_once = False
 
 
 def embedding_term(layer: nn.Embedding, ids: torch.Tensor, values: torch.Tensor, pattern: CsrPattern) -> torch.Tensor:
