@@ -13,7 +13,9 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
-from fish_peft.tuner.sparse_terms import CsrPattern, csr_pattern, embedding_term, sparse_term
+from fish_peft.tuner.sparse_terms import (
+    CsrPattern, add_terms_without_autograd, csr_pattern, embedding_term, sparse_term,
+)
 from fish_peft.tuner.diff_in_place import diff_in_place
 from fish_peft.tuner.transient_weight import dense_product_pays, transient_weight_linear
 
@@ -323,6 +325,8 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         """y plus the term of each (values, indices, pattern) entry set of the weight diff in `module`, summed in
         float32 and rounded to y's dtype once: in a bfloat16 model, an update far below the weights' resolution
         still changes the output."""
+        if not torch.is_grad_enabled() and not isinstance(module, nn.Embedding) and not torch.is_autocast_enabled(x.device.type):
+            return add_terms_without_autograd(y, x, [(v, p) for v, _, p in entries], isinstance(module, Conv1D))
         total = None
         for values, indices, pattern in entries:
             if isinstance(module, nn.Embedding):

@@ -206,3 +206,31 @@ def test_the_csr_pattern_is_computed_once_and_again_when_the_indices_change(monk
     with torch.no_grad():
         peft_model(x.double())
     assert len(computed) == 3
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(24, 10), Conv1D(10, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_autograd_the_terms_of_several_adapters_equal_the_autograd_path(layer, dtype):
+    """Decoding (no_grad, one token or a few) takes `add_terms_without_autograd`: the same output as the path
+    that records the graph, and as a dense W + ΣΔ in float32 rounded once."""
+    from fish_peft.tuner.layer import FishLayer
+
+    torch.manual_seed(0)
+    layer = layer.to(dtype)
+    first, second = torch.randperm(240)[:30].sort().values, torch.randperm(240)[:20].sort().values
+    fish = FishLayer(layer, "first", {"weight": first}, init_weights=False)
+    fish.update_layer("second", {"weight": second}, init_weights=False)
+    fish.set_adapter(["first", "second"])
+    for tokens in (1, 5):
+        x = torch.randn(2, tokens, 24, dtype=dtype)
+        with torch.no_grad():
+            decoded = fish(x)
+        recorded = fish(x)
+        assert recorded.requires_grad
+        torch.testing.assert_close(decoded, recorded.detach(), rtol=0, atol=0)
+        weight = layer.weight.detach().float().reshape(-1).clone()
+        for name, indices in (("first", first), ("second", second)):
+            weight.index_add_(0, indices, fish.values(name, "weight").detach().float())
+        weight = weight.view_as(layer.weight)
+        dense = x.float() @ weight + layer.bias.float() if isinstance(layer, Conv1D) else nn.functional.linear(x.float(), weight, layer.bias.float())
+        torch.testing.assert_close(decoded.float(), dense.to(dtype).float(), **({} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
