@@ -1,7 +1,8 @@
-"""A weight diff written into the weight for one call without gradients, and the weight's own entries written back
-after it: with many tokens (evaluation), one product and no copy of the weight, with outputs equal to W + Δ's. For
-the cases `transient_weight.dense_product_pays` allows (float32, outside autocast); decoding a token is faster with
-the sparse term, which reads no weight entries at random."""
+"""A weight diff written into the frozen weight for one product, and the weight's own entries written back after it:
+one dense product and no copy of the weight, with outputs equal to W + Δ's. Used without gradients (evaluation with
+many tokens) and by `transient_weight` in training, for the cases `transient_weight.dense_product_pays` allows
+(float32, outside autocast); decoding a token is faster with the sparse term, which reads no weight entries at
+random. It writes through `.data`, so autograd's version counters do not see it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""A Linear's (or Conv1D's) output with W + Δ formed for the product alone and again for the backward, never kept:
-one dense product instead of the base product plus a sparse one. On CPU that is the faster way once the tokens
-times the diff's entries reach about half the weight's size (a sparse product then reads a row of tokens per
-entry); below that, and for decoding, `sparse_terms` is faster. Only for float32/float64 weights outside autocast:
-a low-precision W + Δ would round the diff away."""
+"""A Linear's (or Conv1D's) output with W + Δ written into the frozen W for the product alone and again for the
+backward (`diff_in_place`: W's own entries written back after each), never copied: one dense product instead of
+the base product plus a sparse one. On CPU that is the faster way once the tokens times the diff's entries reach
+about half the weight's size (a sparse product then reads a row of tokens per entry); below that, and for decoding,
+`sparse_terms` is faster. Only for float32/float64 weights outside autocast: a low-precision W + Δ would round the
+diff away. Like `diff_in_place` itself, not for one model run by several threads at once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from fish_peft.tuner.diff_in_place import diff_in_place
 from fish_peft.tuner.sparse_terms import CsrPattern, sampled_gradient
 
 TRANSIENT_WEIGHT_MIN_FILL = 0.5
@@ -46,10 +48,10 @@ class TransientWeightLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, weight, conv1d, places, *values):
-        effective = _effective_weight(weight, places, values)
         ctx.save_for_backward(x, weight, *values)
         ctx.conv1d, ctx.places = conv1d, places
-        return nn.functional.linear(x, effective.t() if conv1d else effective, bias)
+        with diff_in_place(weight, _entries(places, values)):
+            return nn.functional.linear(x, weight.t() if conv1d else weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -57,8 +59,8 @@ class TransientWeightLinear(torch.autograd.Function):
         grad_x = grad_bias = None
         flat_grad = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[0]:
-            effective = _effective_weight(weight, ctx.places, values)
-            grad_x = grad @ (effective.t() if ctx.conv1d else effective)
+            with diff_in_place(weight, _entries(ctx.places, values)):
+                grad_x = grad @ (weight.t() if ctx.conv1d else weight)
         if ctx.needs_input_grad[1]:
             grad_bias = flat_grad.sum(0)
         flat_x = x.reshape(-1, x.shape[-1])
@@ -69,8 +71,6 @@ class TransientWeightLinear(torch.autograd.Function):
         return grad_x, grad_bias, None, None, None, *grad_values
 
 
-def _effective_weight(weight: torch.Tensor, places, values) -> torch.Tensor:
-    flat = weight.reshape(-1).clone()
-    for (indices, _), v in zip(places, values):
-        flat.index_add_(0, indices, v.to(flat.dtype))
-    return flat.view_as(weight)
+def _entries(places, values) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(values, flat indices) of every entry set, as `diff_in_place` takes them."""
+    return [(v, indices) for (indices, _), v in zip(places, values)]

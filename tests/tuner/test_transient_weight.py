@@ -1,6 +1,6 @@
-"""A Linear or Conv1D run with W + Δ formed for the product only: outputs and gradients (input, bias, every entry
-set's values) equal a dense layer with W + Δ, nothing weight-sized is kept for the backward, and the path is taken
-only where it is exact and pays."""
+"""A Linear or Conv1D run with W + Δ written into W for each product only: outputs and gradients (input, bias, every
+entry set's values) equal a dense layer with W + Δ, W is given back bit for bit, nothing weight-sized is kept for
+the backward, and the path is taken only where it is exact and pays."""
 
 import pytest
 import torch
@@ -25,7 +25,9 @@ def test_outputs_and_gradients_equal_a_dense_layer_with_w_plus_delta(layer):
     sets = [entry_set(84, 20, shape, generator), entry_set(84, 9, shape, generator)]
     bias_values = torch.randn(7, dtype=torch.float64, generator=generator).requires_grad_(True)
     x = torch.randn(3, 4, 12, dtype=torch.float64, generator=generator).requires_grad_(True)
+    original = layer.weight.detach().clone()
     y = transient_weight_linear(layer, x, layer.bias + bias_values, sets)
+    assert torch.equal(layer.weight, original)
 
     reference_x = x.detach().clone().requires_grad_(True)
     reference_values = [v.detach().clone().requires_grad_(True) for v, _, _ in sets]
@@ -45,6 +47,7 @@ def test_outputs_and_gradients_equal_a_dense_layer_with_w_plus_delta(layer):
     torch.testing.assert_close(bias_values.grad, reference_bias.grad)
     for (values, _, _), expected in zip(sets, reference_values):
         torch.testing.assert_close(values.grad, expected.grad)
+    assert torch.equal(layer.weight, original)
 
 
 def test_nothing_weight_sized_is_kept_for_the_backward():
