@@ -13,8 +13,9 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
+from fish_peft.tuner.decoding_terms import DecodingTerms
 from fish_peft.tuner.sparse_terms import (
-    CsrPattern, add_terms_without_autograd, csr_pattern, embedding_term, sparse_term,
+    CsrPattern, add_products, compute_dtype, csr_pattern, embedding_term, sparse_term,
 )
 from fish_peft.tuner.diff_in_place import diff_in_place
 from fish_peft.tuner.transient_weight import dense_product_pays, transient_weight_linear
@@ -114,6 +115,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         self.captured_gradients: Optional[dict[str, torch.Tensor]] = None
         self.gradient_traffic: Optional[Traffic] = None
         self._csr_patterns: dict[tuple[str, bool], tuple[torch.Tensor, int, CsrPattern]] = {}
+        self._decoding_terms = DecodingTerms()
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
@@ -292,6 +294,10 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         if self.disable_adapters or self.merged:
             return self.base_layer(*args, **kwargs)
         if len(args) == 1 and not kwargs and self._weight_diff_is_a_sparse_term():
+            if not isinstance(self.base_layer, nn.Embedding):
+                decoded = self._decoding_terms.output(self, args[0])
+                if decoded is not None:
+                    return decoded
             return self.forward_with_sparse_term(self.base_layer, args[0])
         effective = self.effective_parameters()
         if not effective:
@@ -326,7 +332,9 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         float32 and rounded to y's dtype once: in a bfloat16 model, an update far below the weights' resolution
         still changes the output."""
         if not torch.is_grad_enabled() and not isinstance(module, nn.Embedding) and not torch.is_autocast_enabled(x.device.type):
-            return add_terms_without_autograd(y, x, [(v, p) for v, _, p in entries], isinstance(module, Conv1D))
+            conv1d = isinstance(module, Conv1D)
+            matrices = tuple(p.matrix(v.to(compute_dtype(v)), transposed=conv1d) for v, _, p in entries)
+            return add_products(y, x, matrices)
         total = None
         for values, indices, pattern in entries:
             if isinstance(module, nn.Embedding):
@@ -361,6 +369,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
 
     def _apply(self, fn, *args, **kwargs):
         self._csr_patterns.clear()  # moved or cast indices are new tensors
+        self._decoding_terms.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def __repr__(self) -> str:

@@ -52,17 +52,14 @@ def sparse_term(layer: nn.Module, x: torch.Tensor, values: torch.Tensor, pattern
     return _product(x, values, pattern, conv1d)
 
 
-def add_terms_without_autograd(
-    y: torch.Tensor, x: torch.Tensor, entries: list[tuple[torch.Tensor, CsrPattern]], conv1d: bool
-) -> torch.Tensor:
-    """`y` plus the terms of the (values, pattern) entry sets for input `x` where nothing needs a gradient and
-    autocast is off (decoding, evaluation): the fewest operations per token, summed into `y` itself when it is in
-    the terms' dtype. Same result as adding each `sparse_term`."""
-    total = None
-    for values, pattern in entries:
-        dtype = _compute_dtype(values)
-        term = pattern.matrix(values.to(dtype), transposed=conv1d) @ x.reshape(-1, x.shape[-1]).to(dtype).t()
-        total = term if total is None else total.add_(term)
+def add_products(y: torch.Tensor, x: torch.Tensor, matrices: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`y` plus x·Mᵀ for each CSR matrix M (Δ, or Δᵀ for Conv1D, in the terms' dtype), without autograd and
+    autocast (decoding, evaluation): the fewest operations per token, summed into `y` itself when it is in the terms'
+    dtype, else added in that dtype and rounded once."""
+    flat, total = x.reshape(-1, x.shape[-1]).t(), None
+    for matrix in matrices:
+        term = matrix @ flat.to(matrix.dtype)
+        total = term if total is None else total + term
     if total is None:
         return y
     if y.dtype == total.dtype and y.is_contiguous():
@@ -72,7 +69,7 @@ def add_terms_without_autograd(
 
 def _product(x: torch.Tensor, values: torch.Tensor, pattern: CsrPattern, conv1d: bool) -> torch.Tensor:
     """x·Δᵀ (x·Δ for Conv1D) in float32 (or the values' wider dtype), whatever autocast says."""
-    flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
+    flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(values))
     autocast = torch.is_autocast_enabled(x.device.type)
     with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
         term = (pattern.matrix(values.to(flat.dtype), transposed=conv1d) @ flat.t()).t()
@@ -95,7 +92,7 @@ class SparseTerm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, values = ctx.saved_tensors
-        flat = x.reshape(-1, x.shape[-1]).to(_compute_dtype(values))
+        flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(values))
         grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
         grad_x = grad_values = None
         with torch.autocast(x.device.type, enabled=False):
@@ -140,7 +137,7 @@ def _sampled_product(pattern: CsrPattern, left: torch.Tensor, right: torch.Tenso
     return torch.sparse.sampled_addmm(zeros, left, right.reshape(blocks, -1, columns)).values().sum(0)
 
 
-def _compute_dtype(values: torch.Tensor) -> torch.dtype:
+def compute_dtype(values: torch.Tensor) -> torch.dtype:
     """float32, or the values' dtype when it is wider: 16-bit values (and inputs) are not rounded in the product."""
     return torch.promote_types(values.dtype, torch.float32)
 
@@ -176,6 +173,6 @@ def embedding_term(layer: nn.Embedding, ids: torch.Tensor, values: torch.Tensor,
     if layer.padding_idx is not None:
         padding = looked_up[owner] == layer.padding_idx % layer.num_embeddings
         gathered = torch.where(padding, gathered.detach(), gathered)
-    table = torch.zeros(looked_up.numel(), layer.embedding_dim, dtype=_compute_dtype(values), device=values.device)
+    table = torch.zeros(looked_up.numel(), layer.embedding_dim, dtype=compute_dtype(values), device=values.device)
     table = table.index_put((owner, pattern.cols[positions].long()), gathered.to(table.dtype))
     return nn.functional.embedding(inverse, table)  # its backward sums rows far faster than indexing's on CPU
