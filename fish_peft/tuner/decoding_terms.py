@@ -12,7 +12,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from fish_peft.tuner.sparse_terms import add_products, compute_dtype
-from fish_peft.tuner.transient_weight import dense_product_pays
+from fish_peft.tuner.transient_weight import dense_product_min_tokens
 
 if TYPE_CHECKING:
     from fish_peft.tuner.layer import FishLayer
@@ -34,18 +34,19 @@ class DecodingTerms:
         self._key: tuple = ()
         self._kept: list[torch.Tensor] = []  # the keyed tensors, alive, so that their ids are not reused
         self._matrices: tuple[torch.Tensor, ...] = ()
-        self._entry_count = 0
+        self._dense_from_tokens = float("inf")  # `dense_product_pays`'s threshold (a no-grad call needs no other check)
 
     def output(self, layer: FishLayer, x: torch.Tensor) -> Optional[torch.Tensor]:
         """`layer`'s output for `x` with the weight diffs, or None where this path does not apply (autograd or
-        autocast on, another parameter adapted too, or enough tokens for `dense_product_pays`)."""
+        autocast on, another parameter adapted too, or enough tokens for `dense_product_pays`: the base weight's own
+        gradient, its other condition, plays no part without autograd)."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return None
         entries = _weight_entries(layer)
         if entries is None:
             return None
         key = tuple((name, id(v), v._version, id(i), i._version) for name, v, i in entries)
-        base = layer.base_layer
+        base = layer._modules["base_layer"]
         if key != self._key:
             conv1d = isinstance(base, Conv1D)
             self._matrices = tuple(
@@ -53,8 +54,8 @@ class DecodingTerms:
                 for name, v, i in entries
             )
             self._key, self._kept = key, [t for _, v, i in entries for t in (v, i)]
-            self._entry_count = sum(v.numel() for _, v, _ in entries)
-        if dense_product_pays(base, x, self._entry_count):
+            self._dense_from_tokens = dense_product_min_tokens(base, sum(v.numel() for _, v, _ in entries))
+        if x.numel() // max(x.shape[-1], 1) >= self._dense_from_tokens:
             return None
         return add_products(base(x), x, self._matrices)
 

@@ -23,11 +23,18 @@ def dense_product_pays(layer: nn.Module, x: torch.Tensor, entry_count: int) -> b
     """Whether one product with W + Δ (`transient_weight_linear`, or `diff_in_place` without gradients) is the
     faster and exact way for this layer and input: many tokens, a float32/float64 weight outside autocast, and never
     a weight that trains itself (the product gives W no gradient)."""
-    weight = layer.weight
-    if weight.requires_grad or weight.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+    if layer.weight.requires_grad or torch.is_autocast_enabled(x.device.type):
         return False
-    tokens = x.numel() // max(x.shape[-1], 1)
-    return tokens * entry_count >= TRANSIENT_WEIGHT_MIN_FILL * weight.numel()
+    return x.numel() // max(x.shape[-1], 1) >= dense_product_min_tokens(layer, entry_count)
+
+
+def dense_product_min_tokens(layer: nn.Module, entry_count: int) -> float:
+    """The tokens from which one product with W + Δ is faster than the sparse terms (inf for a weight below
+    float32, which W + Δ would round)."""
+    weight = layer.weight
+    if weight.dtype not in (torch.float32, torch.float64):
+        return float("inf")
+    return TRANSIENT_WEIGHT_MIN_FILL * weight.numel() / max(entry_count, 1)
 
 
 def transient_weight_linear(
