@@ -331,7 +331,8 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         """y plus the term of each (values, indices, pattern) entry set of the weight diff in `module`, summed in
         float32 and rounded to y's dtype once: in a bfloat16 model, an update far below the weights' resolution
         still changes the output."""
-        if not torch.is_grad_enabled() and not isinstance(module, nn.Embedding) and not torch.is_autocast_enabled(x.device.type):
+        without_autograd = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        if without_autograd and not isinstance(module, nn.Embedding):
             conv1d = isinstance(module, Conv1D)
             matrices = tuple(p.matrix(v.to(compute_dtype(v)), transposed=conv1d) for v, _, p in entries)
             return add_products(y, x, matrices)
