@@ -6,16 +6,14 @@ had evicted it from the cache: more than the sparse product itself."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fish_peft.tuner.sparse_terms import add_products, compute_dtype
 from fish_peft.tuner.transient_weight import dense_product_min_tokens
-
-if TYPE_CHECKING:
-    from fish_peft.tuner.layer import FishLayer
 
 
 class DecodingTerms:
@@ -36,10 +34,10 @@ class DecodingTerms:
         self._matrices: tuple[torch.Tensor, ...] = ()
         self._dense_from_tokens = float("inf")  # `dense_product_pays`'s threshold (a no-grad call needs no other check)
 
-    def output(self, layer: FishLayer, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """`layer`'s output for `x` with the weight diffs, or None where this path does not apply (autograd or
-        autocast on, another parameter adapted too, or enough tokens for `dense_product_pays`: the base weight's own
-        gradient, its other condition, plays no part without autograd)."""
+    def output(self, layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The FishLayer `layer`'s output for `x` with the weight diffs, or None where this path does not apply
+        (autograd or autocast on, another parameter adapted too, or enough tokens for `dense_product_pays`: the base
+        weight's own gradient, its other condition, plays no part without autograd)."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return None
         entries = _weight_entries(layer)
@@ -60,7 +58,7 @@ class DecodingTerms:
         return add_products(base(x), x, self._matrices)
 
 
-def _weight_entries(layer: FishLayer) -> Optional[list[tuple[str, torch.Tensor, torch.Tensor]]]:
+def _weight_entries(layer: nn.Module) -> Optional[list[tuple[str, torch.Tensor, torch.Tensor]]]:
     """(adapter, values, indices) of the weight for each active adapter, read straight from the layer's dicts; None
     where an active adapter changes another parameter too (its diff is applied through the general forward)."""
     values_dicts, indices_dicts = layer._modules["fish_values"]._modules, layer._modules["fish_indices"]._modules

@@ -14,9 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
 from fish_peft.tuner.decoding_terms import DecodingTerms
-from fish_peft.tuner.sparse_terms import (
-    CsrPattern, add_products, compute_dtype, csr_pattern, embedding_term, sparse_term,
-)
+from fish_peft.tuner.sparse_terms import CsrPattern, csr_pattern, embedding_term, sparse_term
 from fish_peft.tuner.diff_in_place import diff_in_place
 from fish_peft.tuner.transient_weight import dense_product_pays, transient_weight_linear
 
@@ -331,11 +329,6 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         """y plus the term of each (values, indices, pattern) entry set of the weight diff in `module`, summed in
         float32 and rounded to y's dtype once: in a bfloat16 model, an update far below the weights' resolution
         still changes the output."""
-        without_autograd = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-        if without_autograd and not isinstance(module, nn.Embedding):
-            conv1d = isinstance(module, Conv1D)
-            matrices = tuple(p.matrix(v.to(compute_dtype(v)), transposed=conv1d) for v, _, p in entries)
-            return add_products(y, x, matrices)
         total = None
         for values, indices, pattern in entries:
             if isinstance(module, nn.Embedding):
