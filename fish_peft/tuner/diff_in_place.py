@@ -1,28 +1,56 @@
 """A weight diff written into the frozen weight for one product, and the weight's own entries written back after it:
 one dense product and no copy of the weight, with outputs equal to W + Δ's. Used without gradients (evaluation with
 many tokens) and by `transient_weight` in training, for the cases `transient_weight.dense_product_pays` allows
-(float32, outside autocast); decoding a token is faster with the sparse term, which reads no weight entries at
-random. It writes through `.data`, so autograd's version counters do not see it."""
+(float32, outside autocast), and without gradients for the parameters that take no sparse term (norms, biases:
+cheaper than calling the module with substituted parameters); decoding a token is faster with the sparse term,
+which reads no weight entries at random. It writes through `.data`, so autograd's version counters do not see it."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 
 @contextmanager
-def diff_in_place(weight: torch.Tensor, entries: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+def diff_in_place(
+    weight: torch.Tensor,
+    entries: list[tuple[torch.Tensor, torch.Tensor]],
+    originals: Optional[list[torch.Tensor]] = None,
+) -> Iterator[list[torch.Tensor]]:
     """Inside the block, `weight` holds W plus every (values, flat indices) entry set; on leaving (an error
-    included), exactly W again: the entries it held are kept and written back, not subtracted."""
+    included), exactly W again: the entries it held are kept and written back, not subtracted. Yields those kept
+    entries, one tensor per set; giving them back as `originals` to a later call on the same unchanged W and indices
+    skips reading them again (entries of a large weight are read at random, out of the cache)."""
     flat = weight.data.view(-1)
     kept = []
     try:
-        for values, indices in entries:
-            kept.append((indices, flat[indices.long()]))
-            flat.index_add_(0, indices, values.to(flat.dtype))
+        for i, (values, indices) in enumerate(entries):
+            where = indices.long()
+            original = flat[where] if originals is None else originals[i]
+            kept.append((where, original))
+            flat[where] = original + values.to(flat.dtype)  # one write; unlike index_add_, parallel on CPU
+        yield [original for _, original in kept]
+    finally:
+        for where, original in reversed(kept):
+            flat[where] = original
+
+
+@contextmanager
+def diffs_in_place(diffs: list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]) -> Iterator[None]:
+    """`diff_in_place` for several (weight, entries) at once, in one block (a norm's call without autograd pays
+    for every Python operation)."""
+    written = []
+    try:
+        for weight, entries in diffs:
+            flat = weight.data.view(-1)
+            for values, indices in entries:
+                where = indices.long()
+                original = flat[where]
+                written.append((flat, where, original))
+                flat[where] = original + values.to(flat.dtype)
         yield
     finally:
-        for indices, original in reversed(kept):
-            flat[indices.long()] = original
+        for flat, where, original in reversed(written):
+            flat[where] = original

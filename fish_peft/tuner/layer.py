@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from fish_peft.distributed.communication import Traffic, with_averaged_gradient
 from fish_peft.tuner.decoding_terms import DecodingTerms
 from fish_peft.tuner.sparse_terms import CsrPattern, csr_pattern, embedding_term, sparse_term
-from fish_peft.tuner.diff_in_place import diff_in_place
+from fish_peft.tuner.diff_in_place import diff_in_place, diffs_in_place
 from fish_peft.tuner.transient_weight import dense_product_pays, transient_weight_linear
 
 
@@ -297,10 +297,27 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
                 if decoded is not None:
                     return decoded
             return self.forward_with_sparse_term(self.base_layer, args[0])
+        if not torch.is_grad_enabled() and (diffs := self._diffs_to_write()) is not None:
+            with diffs_in_place(diffs):
+                return self.base_layer(*args, **kwargs)
         effective = self.effective_parameters()
         if not effective:
             return self.base_layer(*args, **kwargs)
         return functional_call(self.base_layer, effective, args, kwargs)
+
+    def _diffs_to_write(self) -> Optional[list[tuple[torch.Tensor, list]]]:
+        """(base parameter, its [(values, indices)] over the active adapters) for every parameter they change, for
+        `diffs_in_place` in a call without autograd; None where one is no float (a quantized weight). Exploration
+        entries take no part in a forward pass."""
+        diffs: dict[str, list] = {}
+        values_dicts, indices_dicts = self._modules["fish_values"]._modules, self._modules["fish_indices"]._modules
+        for adapter_name in self.active_adapters:
+            if adapter_name in values_dicts:  # direct dict reads: a norm's decoding step pays for every lookup
+                indices = indices_dicts[adapter_name]._buffers
+                for key, values in values_dicts[adapter_name]._parameters.items():
+                    diffs.setdefault(parameter_name(key), []).append((values, indices[key]))
+        weights = [self.base_parameter(name) for name in diffs]
+        return None if any(not w.is_floating_point() for w in weights) else list(zip(weights, diffs.values()))
 
     def _weight_diff_is_a_sparse_term(self) -> bool:
         """Whether the weight's diff runs as a term of its own (`sparse_terms`): a Linear, Conv1D or Embedding

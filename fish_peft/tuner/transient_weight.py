@@ -51,13 +51,14 @@ def transient_weight_linear(
 
 class TransientWeightLinear(torch.autograd.Function):
     """y = x·(W + ΣΔ)ᵀ + b (x·(W + ΣΔ) + b for Conv1D's in × out weight), W frozen. Saves x and the values, not
-    W + ΣΔ; the values' gradients are sampled products (SDDMM) at their entries: no dense weight gradient."""
+    W + ΣΔ (only W's k entries that the diff overwrites, to write back after the backward's product); the values'
+    gradients are sampled products (SDDMM) at their entries: no dense weight gradient."""
 
     @staticmethod
     def forward(ctx, x, bias, weight, conv1d, places, *values):
         ctx.save_for_backward(x, weight, *values)
         ctx.conv1d, ctx.places = conv1d, places
-        with diff_in_place(weight, _entries(places, values)):
+        with diff_in_place(weight, _entries(places, values)) as ctx.originals:
             return nn.functional.linear(x, weight.t() if conv1d else weight, bias)
 
     @staticmethod
@@ -66,7 +67,7 @@ class TransientWeightLinear(torch.autograd.Function):
         grad_x = grad_bias = None
         flat_grad = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[0]:
-            with diff_in_place(weight, _entries(ctx.places, values)):
+            with diff_in_place(weight, _entries(ctx.places, values), ctx.originals):
                 grad_x = grad @ (weight.t() if ctx.conv1d else weight)
         if ctx.needs_input_grad[1]:
             grad_bias = flat_grad.sum(0)

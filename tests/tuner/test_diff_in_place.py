@@ -30,6 +30,21 @@ def test_the_weight_holds_w_plus_delta_inside_and_exactly_w_after_even_after_an_
     assert torch.equal(weight, original)
 
 
+
+def test_the_entries_kept_by_one_call_write_the_same_weight_in_a_later_call():
+    """The backward's product reuses the forward's kept entries, overlapping entry sets included."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8)
+    original = weight.clone()
+    sets = [(torch.randn(3), torch.tensor([1, 5, 9], dtype=torch.int32)), (torch.randn(2), torch.tensor([5, 20]))]
+    with diff_in_place(weight, sets) as kept:
+        first = weight.clone()
+    after_first_set = original.view(-1).index_add(0, sets[0][1], sets[0][0])
+    assert torch.equal(kept[0], original.view(-1)[[1, 5, 9]]) and torch.equal(kept[1], after_first_set[[5, 20]])
+    with diff_in_place(weight, sets, kept):
+        assert torch.equal(weight, first)
+    assert torch.equal(weight, original)
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 def test_calls_without_gradients_equal_w_plus_delta_and_leave_the_base_untouched(build, monkeypatch):
     monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", 0.0)  # every Linear/Conv1D call in place

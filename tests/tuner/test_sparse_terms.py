@@ -1,11 +1,14 @@
 """The weight diff of a Linear or Conv1D as a sparse term: outputs and gradients (of the values and of the input)
 equal a dense layer with W + Δ, and no W + Δ is formed."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from fish_peft.tuner import sparse_terms
 from fish_peft.tuner.sparse_terms import CPU_MIN_BLOCK, SparseTerm, csr_pattern, sampled_gradient, sparse_term
 
 
@@ -48,6 +51,30 @@ def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tok
     dense = left.t() @ right
     got = sampled_gradient(csr_pattern(indices, (rows, columns)), x, grad, conv1d)
     torch.testing.assert_close(got, dense.reshape(-1)[indices])
+
+
+
+@pytest.mark.parametrize("silent", [0.2, 0.7])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_tokens_without_gradient_are_left_out_and_the_values_gradient_is_unchanged(silent, conv1d, monkeypatch):
+    """Padding-like tokens (an all-zero output gradient) are dropped; a NaN or inf gradient row is not silent."""
+    torch.manual_seed(0)
+    rows, columns, tokens = 24, 40, 20 * CPU_MIN_BLOCK + 3
+    indices = torch.randperm(rows * columns)[:50].sort().values
+    left = torch.randn(tokens, rows, dtype=torch.float64)
+    right = torch.randn(tokens, columns, dtype=torch.float64)
+    x, grad = (left, right) if conv1d else (right, left)
+    grad[torch.rand(tokens) < silent] = 0.0
+    grad[1], grad[2] = 0.0, 0.0
+    grad[1, 3], grad[2, 5] = float("nan"), float("inf")
+    seen = []
+    product = sparse_terms._sampled_product
+    monkeypatch.setattr(sparse_terms, "_sampled_product", lambda p, a, b, **k: seen.append(a.shape[0]) or product(p, a, b, **k))
+    got = sampled_gradient(csr_pattern(indices, (rows, columns)), x, grad, conv1d)
+    torch.testing.assert_close(got, (left.t() @ right).reshape(-1)[indices], equal_nan=True)
+    assert got.isnan().any() and got.isinf().any()
+    live = int((grad != 0).any(1).sum())
+    assert sum(seen) == (tokens if live > 7 / 8 * tokens else -(-live // CPU_MIN_BLOCK) * CPU_MIN_BLOCK)
 
 
 def test_an_adapted_linear_never_forms_w_plus_delta_outside_an_update_step(monkeypatch):
@@ -211,8 +238,8 @@ def test_the_csr_pattern_is_computed_once_and_again_when_the_indices_change(monk
 @pytest.mark.parametrize("layer", [nn.Linear(24, 10), Conv1D(10, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_without_autograd_the_terms_of_several_adapters_equal_the_autograd_path(layer, dtype):
-    """Decoding (no_grad, one token or a few) takes `add_terms_without_autograd`: the same output as the path
-    that records the graph, and as a dense W + ΣΔ in float32 rounded once."""
+    """Decoding (no_grad, one token or a few, one adapter or two) takes `add_products`: the same output as the
+    path that records the graph, and as a dense W + ΣΔ in float32 rounded once."""
     from fish_peft.tuner.layer import FishLayer
 
     torch.manual_seed(0)
@@ -220,16 +247,16 @@ def test_without_autograd_the_terms_of_several_adapters_equal_the_autograd_path(
     first, second = torch.randperm(240)[:30].sort().values, torch.randperm(240)[:20].sort().values
     fish = FishLayer(layer, "first", {"weight": first}, init_weights=False)
     fish.update_layer("second", {"weight": second}, init_weights=False)
-    fish.set_adapter(["first", "second"])
-    for tokens in (1, 5):
-        x = torch.randn(2, tokens, 24, dtype=dtype)
+    for active, batch, tokens in itertools.product((["first"], ["first", "second"]), (1, 2), (1, 5)):
+        fish.set_adapter(active)
+        x = torch.randn(batch, tokens, 24, dtype=dtype)
         with torch.no_grad():
             decoded = fish(x)
         recorded = fish(x)
         assert recorded.requires_grad
         torch.testing.assert_close(decoded, recorded.detach(), rtol=0, atol=0)
         weight = layer.weight.detach().float().reshape(-1).clone()
-        for name, indices in (("first", first), ("second", second)):
+        for name, indices in (("first", first), ("second", second))[: len(active)]:
             weight.index_add_(0, indices, fish.values(name, "weight").detach().float())
         weight = weight.view_as(layer.weight)
         dense = x.float() @ weight + layer.bias.float() if isinstance(layer, Conv1D) else nn.functional.linear(x.float(), weight, layer.bias.float())
