@@ -17,9 +17,8 @@ terms). Sections (`--sections`; `--quick` shrinks every size for the test):
   lora as in linear_stack), and greedy generation of 32 tokens after 8 with the KV cache on the llama section's
   model (base, fish, lora_qv).
 
-Time is the median over `--repeats` rounds in which the methods take turns on the same inputs, except for llama,
-whose five models (full fine-tuning's with its AdamW state alone about 4 GB) are not held at once: there each
-method's time is the median of its steps 2-3 in the process that measures its memory. Peak memory (minilm, llama)
+Time is the median over `--repeats` rounds in which the methods take turns on the same inputs (the llama section
+holds its five models at once, about 9 GB with full fine-tuning's AdamW state). Peak memory (minilm, llama)
 is measured in a fresh process per method (forked from a server that has only imported the libraries), beyond what
 it holds once the model, adapter, optimizer and batches are built: on CPU the peak resident set (VmHWM, reset
 through /proc/self/clear_refs) less the resident set then; on CUDA torch's peak allocated memory less the allocated
@@ -33,6 +32,7 @@ import dataclasses
 import functools
 import json
 import multiprocessing
+import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -259,6 +259,9 @@ def measure_training(section: str, method: str, s: Settings, same_params_rank: O
 def in_fresh_process(function: Callable, *args):
     """function(*args) in a process forked from multiprocessing's fork server, which has imported the libraries
     (named, since Python 3.11's fork server does not preload the main script as documented) and done nothing else."""
+    # glibc's large blocks mapped and returned on free from 64 KiB (its threshold otherwise moves with the history
+    # of frees): the peak resident set is then the peak of live memory, not ±5 % of allocator state between runs
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))  # read when the fork server starts
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     with ProcessPoolExecutor(1, mp_context=context) as pool:
@@ -335,15 +338,19 @@ def linear_stack(s: Settings) -> dict:
     return {"setup": setup, "methods": rows}
 
 
+def interleaved_step_ms(section: str, s: Settings, rank: int, data: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Milliseconds of one step of each method, its models held at once and taking turns over `data`."""
+    trainings = [Training(method, adapt(base_model(section, s), section, method, s, rank)[0]) for method in METHODS]
+    times = interleaved({t.method: lambda t=t: [t.step(batch) for batch in data] for t in trainings}, s)
+    return {method: round(1000 * seconds / len(data), 1) for method, seconds in times.items()}
+
+
 def minilm(s: Settings) -> dict:
     measured = in_fresh_processes("minilm", s)
-    rank = measured["lora_same_params"]["facts"]["rank"]
     data = batches("minilm", s)
-    trainings = [Training(method, adapt(base_model("minilm", s), "minilm", method, s, rank)[0]) for method in METHODS]
-    times = interleaved({t.method: lambda t=t: [t.step(batch) for batch in data] for t in trainings}, s)
+    step_ms = interleaved_step_ms("minilm", s, measured["lora_same_params"]["facts"]["rank"], data)
     rows = {
-        method: {"step_ms": round(1000 * times[method] / len(data), 1), "peak_mib": mib(result["peak_bytes"]),
-                 **result["facts"]}
+        method: {"step_ms": step_ms[method], "peak_mib": mib(result["peak_bytes"]), **result["facts"]}
         for method, result in measured.items()
     }
     rows = against_both_loras(rows, "peak_mib")
@@ -361,10 +368,13 @@ def minilm(s: Settings) -> dict:
 def llama(s: Settings) -> dict:
     parameters = sum(p.numel() for p in structure("llama", s).parameters())
     weight_bytes = 4 * parameters
+    measured = in_fresh_processes("llama", s)
+    first_batch = batches("llama", s)[:1]  # each round a step of every method (the first step sized the memory)
+    step_ms = interleaved_step_ms("llama", s, measured["lora_same_params"]["facts"]["rank"], first_batch)
     rows = {}
-    for method, result in in_fresh_processes("llama", s).items():
+    for method, result in measured.items():
         rows[method] = {
-            "step_ms": round(statistics.median(result["step_ms"][1:]), 1),
+            "step_ms": step_ms[method],
             "peak_over_loaded_mib": mib(result["peak_bytes"]),
             "peak_over_weights": round(result["peak_bytes"] / weight_bytes, 3),
             **result["facts"],
@@ -375,7 +385,7 @@ def llama(s: Settings) -> dict:
         "model": "LlamaForCausalLM, random weights, float32", "parameters": parameters,
         "float32_weights_mib": mib(weight_bytes), "hidden": hidden, "layers": layers, "heads": heads,
         "kv_heads": kv_heads, "intermediate": intermediate, "vocab": vocab, "batch": s.llama_batch,
-        "length": s.llama_length, "steps": s.llama_steps, "step_ms": "median of steps 2 and later",
+        "length": s.llama_length, "steps": s.llama_steps, "steps_per_round": 1,
         "lora_same_params_targets": LORA_TARGETS["llama"][1],
         "peak_memory": "fresh process per method, beyond the built model, adapter, optimizer and batches",
     }

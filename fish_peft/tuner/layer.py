@@ -292,11 +292,8 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         if self.disable_adapters or self.merged:
             return self.base_layer(*args, **kwargs)
         if len(args) == 1 and not kwargs and self._weight_diff_is_a_sparse_term():
-            if not isinstance(self.base_layer, nn.Embedding):
-                decoded = self._decoding_terms.output(self, args[0])
-                if decoded is not None:
-                    return decoded
-            return self.forward_with_sparse_term(self.base_layer, args[0])
+            decoded = None if isinstance(self.base_layer, nn.Embedding) else self._decoding_terms.output(self, args[0])
+            return self.forward_with_sparse_term(self.base_layer, args[0]) if decoded is None else decoded
         if not torch.is_grad_enabled() and (diffs := self._diffs_to_write()) is not None:
             with diffs_in_place(diffs):
                 return self.base_layer(*args, **kwargs)
@@ -306,9 +303,8 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
         return functional_call(self.base_layer, effective, args, kwargs)
 
     def _diffs_to_write(self) -> Optional[list[tuple[torch.Tensor, list]]]:
-        """(base parameter, its [(values, indices)] over the active adapters) for every parameter they change, for
-        `diffs_in_place` in a call without autograd; None where one is no float (a quantized weight). Exploration
-        entries take no part in a forward pass."""
+        """(base parameter, [(values, indices)] of the active adapters) for each parameter they change, for a call
+        without autograd (exploration entries take no part); None where one is no float (a quantized weight)."""
         diffs: dict[str, list] = {}
         values_dicts, indices_dicts = self._modules["fish_values"]._modules, self._modules["fish_indices"]._modules
         for adapter_name in self.active_adapters:
@@ -317,7 +313,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
                 for key, values in values_dicts[adapter_name]._parameters.items():
                     diffs.setdefault(parameter_name(key), []).append((values, indices[key]))
         weights = [self.base_parameter(name) for name in diffs]
-        return None if any(not w.is_floating_point() for w in weights) else list(zip(weights, diffs.values()))
+        return list(zip(weights, diffs.values())) if all(w.is_floating_point() for w in weights) else None
 
     def _weight_diff_is_a_sparse_term(self) -> bool:
         """Whether the weight's diff runs as a term of its own (`sparse_terms`): a Linear, Conv1D or Embedding
