@@ -21,9 +21,10 @@ Time is the median over `--repeats` rounds in which the methods take turns on th
 holds its five models at once, about 9 GB with full fine-tuning's AdamW state). Peak memory (minilm, llama)
 is measured in a fresh process per method (forked from a server that has only imported the libraries), beyond what
 it holds once the model, adapter, optimizer and batches are built: on CPU the peak resident set (VmHWM, reset
-through /proc/self/clear_refs) less the resident set then; on CUDA torch's peak allocated memory less the allocated
-memory then. Prints one JSON document with ratios and the issue's targets: FISH's step ≤ 1.1× LoRA's (lora_qv's)
-time and memory, unmerged decoding ≤ 1.25× the base model's time.
+through /proc/self/clear_refs, glibc's mmap threshold fixed at 64 KiB so that it follows live memory) less the
+resident set then; on CUDA torch's peak allocated memory less the allocated memory then. Prints one JSON document
+with ratios and the issue's targets: FISH's step ≤ 1.1× LoRA's (lora_qv's) time and memory, unmerged decoding ≤
+1.25× the base model's time.
 """
 
 import argparse
