@@ -27,10 +27,7 @@ def diff_in_place(
     kept = []
     try:
         for i, (values, indices) in enumerate(entries):
-            where = indices.long()
-            original = flat[where] if originals is None else originals[i]
-            kept.append((where, original))
-            flat[where] = original + values.to(flat.dtype)  # one write; unlike index_add_, parallel on CPU
+            kept.append(_write(flat, values, indices, None if originals is None else originals[i]))
         yield [original for _, original in kept]
     finally:
         for where, original in reversed(kept):
@@ -45,12 +42,17 @@ def diffs_in_place(diffs: list[tuple[torch.Tensor, list[tuple[torch.Tensor, torc
     try:
         for weight, entries in diffs:
             flat = weight.data.view(-1)
-            for values, indices in entries:
-                where = indices.long()
-                original = flat[where]
-                written.append((flat, where, original))
-                flat[where] = original + values.to(flat.dtype)
+            written.extend((flat, *_write(flat, values, indices)) for values, indices in entries)
         yield
     finally:
         for flat, where, original in reversed(written):
             flat[where] = original
+
+
+def _write(flat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, original: Optional[torch.Tensor] = None):
+    """Writes W + values at `indices` into `flat` (W's entries there read unless given as `original`); returns the
+    positions and those entries, for writing them back. One write: unlike `index_add_`, parallel on CPU."""
+    where = indices.long()
+    original = flat[where] if original is None else original
+    flat[where] = original + values.to(flat.dtype)
+    return where, original
