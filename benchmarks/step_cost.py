@@ -370,7 +370,7 @@ def llama(s: Settings) -> dict:
     parameters = sum(p.numel() for p in structure("llama", s).parameters())
     weight_bytes = 4 * parameters
     measured = in_fresh_processes("llama", s)
-    first_batch = batches("llama", s)[:1]  # each round a step of every method (the first step sized the memory)
+    first_batch = batches("llama", s)[:1]  # each round, one step of every method
     step_ms = interleaved_step_ms("llama", s, measured["lora_same_params"]["facts"]["rank"], first_batch)
     rows = {}
     for method, result in measured.items():

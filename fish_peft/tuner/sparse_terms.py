@@ -124,12 +124,12 @@ products 75 → 55 ms a step)."""
 
 def sampled_gradient(pattern: CsrPattern, flat: torch.Tensor, grad: torch.Tensor, conv1d: bool) -> torch.Tensor:
     """The values' gradient: gᵀx (Linear) or xᵀg (Conv1D) at the k entries only."""
-    if flat.device.type != "cpu":
-        return _sampled_product(pattern, *((flat, grad) if conv1d else (grad, flat)))
-    flat, grad = _tokens_with_gradient(flat, grad)
+    cpu = flat.device.type == "cpu"
+    if cpu:
+        flat, grad = _tokens_with_gradient(flat, grad)
     left, right = (flat, grad) if conv1d else (grad, flat)
     tokens = flat.shape[0]
-    if tokens < 2 * CPU_MIN_BLOCK:
+    if not cpu or tokens < 2 * CPU_MIN_BLOCK:
         return _sampled_product(pattern, left, right)
     block = max(CPU_MIN_BLOCK, -(-tokens // CPU_BLOCKS))
     split = tokens // block * block
