@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+COMPACT_SHARE = 0.25
+"""The values' gradient reads x only at the weight's columns that hold entries (rows for Conv1D) and g only at its
+rows that do, where at most this share of them do: a Fisher mask puts its entries into a few percent of most
+matrices' columns (MiniLM), so a layer keeps that much of its input for the backward, not all of it, and the product
+transposes that much. A random mask touches every column: nothing changes."""
+
+
 class CsrPattern(NamedTuple):
     """Where a weight's k entries sit, as a CSR matrix of the weight's `shape` (sorted flat indices are CSR order)
-    and of its transpose, whose entries hold the values `values[order_t]`."""
+    and of its transpose, whose entries hold the values `values[order_t]`; and, for the values' gradient, the rows
+    and columns that hold entries where they are few (`COMPACT_SHARE`; None: all) with the entries' CSR among them."""
 
     shape: tuple[int, int]
     crow: torch.Tensor
@@ -25,12 +33,30 @@ class CsrPattern(NamedTuple):
     crow_t: torch.Tensor
     cols_t: torch.Tensor
     order_t: torch.Tensor
+    kept_rows: Optional[torch.Tensor]
+    kept_cols: Optional[torch.Tensor]
+    sampled_crow: torch.Tensor
+    sampled_cols: torch.Tensor
 
     def matrix(self, values: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """Δ (or Δᵀ) holding `values` at the k entries."""
         if transposed:
             return _csr(self.crow_t, self.cols_t, values[self.order_t], self.shape[::-1])
         return _csr(self.crow, self.cols, values, self.shape)
+
+    def gradient_input(self, x: torch.Tensor, conv1d: bool) -> torch.Tensor:
+        """What the values' gradient reads of a layer's input `x`: its features at the weight's kept columns (rows
+        for Conv1D's in × out weight), or all of x."""
+        kept = self.kept_rows if conv1d else self.kept_cols
+        return x if kept is None else x.index_select(-1, kept)
+
+    @property
+    def sampled_shape(self) -> tuple[int, int]:
+        rows, columns = self.shape
+        return (
+            rows if self.kept_rows is None else self.kept_rows.numel(),
+            columns if self.kept_cols is None else self.kept_cols.numel(),
+        )
 
 
 def csr_pattern(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> CsrPattern:
@@ -40,7 +66,21 @@ def csr_pattern(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> CsrPatter
     order_t = torch.argsort(cols, stable=True)  # (row, column) order → (column, row) order
     crow_t = torch._convert_indices_from_coo_to_csr(cols[order_t], shape[1], out_int32=int32)
     crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=int32)
-    return CsrPattern((shape[0], shape[1]), crow, cols, crow_t, rows[order_t], order_t)
+    kept_rows, kept_cols = _few(rows, shape[0]), _few(cols[order_t], shape[1])
+    sampled_crow = crow if kept_rows is None else torch.cat([crow[kept_rows], crow[-1:]])
+    sampled_cols = cols if kept_cols is None else torch.searchsorted(kept_cols, cols, out_int32=int32)
+    return CsrPattern(
+        (shape[0], shape[1]), crow, cols, crow_t, rows[order_t], order_t, kept_rows, kept_cols, sampled_crow,
+        sampled_cols,
+    )
+
+
+def _few(sorted_positions: torch.Tensor, size: int) -> Optional[torch.Tensor]:
+    """The distinct `sorted_positions`, where they are at most `COMPACT_SHARE` of `size` (else None)."""
+    if sorted_positions.numel() == 0:
+        return None
+    distinct = torch.unique_consecutive(sorted_positions)
+    return distinct if distinct.numel() <= COMPACT_SHARE * size else None
 
 
 def sparse_term(layer: nn.Module, x: torch.Tensor, values: torch.Tensor, pattern: CsrPattern) -> torch.Tensor:
@@ -89,21 +129,22 @@ class SparseTerm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, pattern, conv1d):
-        ctx.save_for_backward(x, values)
-        ctx.pattern, ctx.conv1d = pattern, conv1d
+        ctx.save_for_backward(pattern.gradient_input(x, conv1d) if ctx.needs_input_grad[1] else None, values)
+        ctx.pattern, ctx.conv1d, ctx.x_shape, ctx.x_dtype = pattern, conv1d, x.shape, x.dtype
         return _product(x, values, pattern, conv1d)
 
     @staticmethod
     def backward(ctx, grad):
-        x, values = ctx.saved_tensors
-        flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(values))
-        grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+        kept_x, values = ctx.saved_tensors
+        dtype = compute_dtype(values)
+        grad = grad.reshape(-1, grad.shape[-1]).to(dtype)
         grad_x = grad_values = None
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(grad.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                delta = ctx.pattern.matrix(values.to(flat.dtype), transposed=not ctx.conv1d)
-                grad_x = (delta @ grad.t()).t().reshape(x.shape).to(x.dtype)
+                delta = ctx.pattern.matrix(values.to(dtype), transposed=not ctx.conv1d)
+                grad_x = (delta @ grad.t()).t().reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
+                flat = kept_x.reshape(-1, kept_x.shape[-1]).to(dtype)
                 grad_values = sampled_gradient(ctx.pattern, flat, grad, ctx.conv1d).to(values.dtype)
         return grad_x, grad_values, None, None
 
@@ -123,7 +164,11 @@ products 75 → 55 ms a step)."""
 
 
 def sampled_gradient(pattern: CsrPattern, flat: torch.Tensor, grad: torch.Tensor, conv1d: bool) -> torch.Tensor:
-    """The values' gradient: gᵀx (Linear) or xᵀg (Conv1D) at the k entries only."""
+    """The values' gradient: gᵀx (Linear) or xᵀg (Conv1D) at the k entries only (`flat`: the tokens' inputs as
+    `pattern.gradient_input` keeps them; `grad`: their output gradients)."""
+    kept = pattern.kept_cols if conv1d else pattern.kept_rows
+    if kept is not None:
+        grad = grad.index_select(1, kept)
     cpu = flat.device.type == "cpu"
     if cpu:
         flat, grad = _tokens_with_gradient(flat, grad)
@@ -157,12 +202,12 @@ def _tokens_with_gradient(flat: torch.Tensor, grad: torch.Tensor) -> tuple[torch
 def _sampled_product(pattern: CsrPattern, left: torch.Tensor, right: torch.Tensor, blocks: int = 1) -> torch.Tensor:
     """leftᵀ·right at the pattern's entries (left: tokens × rows, right: tokens × columns), summed over `blocks`
     equal blocks of tokens, each a batch entry of one sampled product (SDDMM)."""
+    crow, cols, (rows, columns) = pattern.sampled_crow, pattern.sampled_cols, pattern.sampled_shape
     if blocks == 1:
-        zeros = _csr(pattern.crow, pattern.cols, left.new_zeros(pattern.cols.numel()), pattern.shape)
+        zeros = _csr(crow, cols, left.new_zeros(cols.numel()), (rows, columns))
         return torch.sparse.sampled_addmm(zeros, left.t().contiguous(), right).values()
-    rows, columns = pattern.shape
-    crow, cols = pattern.crow.expand(blocks, -1), pattern.cols.expand(blocks, -1)
-    zeros = _csr(crow, cols, left.new_zeros(blocks, pattern.cols.numel()), (blocks, rows, columns))
+    crow, cols = crow.expand(blocks, -1), cols.expand(blocks, -1)
+    zeros = _csr(crow, cols, left.new_zeros(blocks, cols.shape[-1]), (blocks, rows, columns))
     left = left.reshape(blocks, -1, rows).transpose(1, 2).contiguous()
     return torch.sparse.sampled_addmm(zeros, left, right.reshape(blocks, -1, columns)).values().sum(0)
 

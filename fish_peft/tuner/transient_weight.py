@@ -50,20 +50,24 @@ def transient_weight_linear(
 
 
 class TransientWeightLinear(torch.autograd.Function):
-    """y = x·(W + ΣΔ)ᵀ + b (x·(W + ΣΔ) + b for Conv1D's in × out weight), W frozen. Saves x and the values, not
-    W + ΣΔ (only W's k entries that the diff overwrites, to write back after the backward's product); the values'
-    gradients are sampled products (SDDMM) at their entries: no dense weight gradient."""
+    """y = x·(W + ΣΔ)ᵀ + b (x·(W + ΣΔ) + b for Conv1D's in × out weight), W frozen. Saves the values and what
+    their gradients read of x (`CsrPattern.gradient_input`), not W + ΣΔ (only W's k entries that the diff
+    overwrites, to write back after the backward's product); the values' gradients are sampled products (SDDMM) at
+    their entries: no dense weight gradient."""
 
     @staticmethod
     def forward(ctx, x, bias, weight, conv1d, places, *values):
-        ctx.save_for_backward(x, weight, *values)
+        trained = ctx.needs_input_grad[5:]
+        kept_x = [pattern.gradient_input(x, conv1d) if t else None for t, (_, pattern) in zip(trained, places)]
+        ctx.save_for_backward(weight, *values, *kept_x)
         ctx.conv1d, ctx.places = conv1d, places
         with diff_in_place(weight, _entries(places, values)) as ctx.originals:
             return nn.functional.linear(x, weight.t() if conv1d else weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, *values = ctx.saved_tensors
+        weight, *saved = ctx.saved_tensors
+        values, kept_x = saved[: len(ctx.places)], saved[len(ctx.places) :]
         grad_x = grad_bias = None
         flat_grad = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[0]:
@@ -71,10 +75,9 @@ class TransientWeightLinear(torch.autograd.Function):
                 grad_x = grad @ (weight.t() if ctx.conv1d else weight)
         if ctx.needs_input_grad[1]:
             grad_bias = flat_grad.sum(0)
-        flat_x = x.reshape(-1, x.shape[-1])
         grad_values = [
-            sampled_gradient(pattern, flat_x, flat_grad, ctx.conv1d) if ctx.needs_input_grad[5 + i] else None
-            for i, (_, pattern) in enumerate(ctx.places)
+            None if x is None else sampled_gradient(pattern, x.reshape(-1, x.shape[-1]), flat_grad, ctx.conv1d)
+            for x, (_, pattern) in zip(kept_x, ctx.places)
         ]
         return grad_x, grad_bias, None, None, None, *grad_values
 

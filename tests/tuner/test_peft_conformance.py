@@ -309,3 +309,22 @@ def test_evolving_diffs_move_entries_of_parameters_adapted_around_a_parent(case,
     assert any("/" in n for n in moved), moved  # a dotted parameter's entries moved too
     model.eval()
     torch.testing.assert_close(_out(model, _inputs(case)), _out(_dense_reference(case, model), _inputs(case)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("case", ["bert", "gpt2", "llama"])
+def test_activation_checkpointing_gives_the_gradients_of_a_plain_backward(case, reentrant):
+    """The checkpointed blocks run FISH's layers again in the backward (reentrant: first without autograd), with
+    the dropout masks of their first run."""
+    model = _fish(case).train()
+    plain = copy.deepcopy(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert model.base_model.model.is_activation_checkpointing
+    for peft_model in (model, plain):
+        torch.manual_seed(0)
+        _out(peft_model, _inputs(case)).square().sum().backward()
+    expected = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in expected.values())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected[name], msg=name)

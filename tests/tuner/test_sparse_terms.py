@@ -40,16 +40,24 @@ def test_the_sparse_term_equals_a_dense_layer_with_w_plus_delta(layer):
 
 @pytest.mark.parametrize("tokens", [0, 5, 2 * CPU_MIN_BLOCK, 33 * CPU_MIN_BLOCK + 17])
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tokens, conv1d):
-    """In one product (few tokens) or summed over blocks of tokens, with a remainder (many)."""
+@pytest.mark.parametrize("spread", ["scattered", "few rows and columns"])
+def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tokens, conv1d, spread):
+    """In one product (few tokens) or summed over blocks of tokens, with a remainder (many); with entries all over
+    the weight, or in a few of its rows and columns (the product then reads x and g there alone)."""
     torch.manual_seed(0)
     rows, columns = 24, 40
-    indices = torch.randperm(rows * columns)[:50].sort().values
+    if spread == "scattered":
+        indices = torch.randperm(rows * columns)[:50].sort().values
+    else:
+        grid = (torch.tensor([2, 3, 11, 19])[:, None] * columns + torch.tensor([0, 7, 8, 30, 39])).reshape(-1)
+        indices = grid[torch.randperm(grid.numel())[:12]].sort().values
+    pattern = csr_pattern(indices, (rows, columns))
+    assert (pattern.kept_rows is None) == (spread == "scattered") == (pattern.kept_cols is None)
     left = torch.randn(tokens, rows, dtype=torch.float64)
     right = torch.randn(tokens, columns, dtype=torch.float64)
     x, grad = (left, right) if conv1d else (right, left)
     dense = left.t() @ right
-    got = sampled_gradient(csr_pattern(indices, (rows, columns)), x, grad, conv1d)
+    got = sampled_gradient(pattern, pattern.gradient_input(x, conv1d), grad, conv1d)
     torch.testing.assert_close(got, dense.reshape(-1)[indices])
 
 
@@ -75,6 +83,24 @@ def test_tokens_without_gradient_are_left_out_and_the_values_gradient_is_unchang
     assert got.isnan().any() and got.isinf().any()
     live = int((grad != 0).any(1).sum())
     assert sum(seen) == (tokens if live > 7 / 8 * tokens else -(-live // CPU_MIN_BLOCK) * CPU_MIN_BLOCK)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_a_mask_in_few_features_keeps_only_those_features_of_the_input(conv1d):
+    torch.manual_seed(0)
+    layer = Conv1D(32, 64) if conv1d else nn.Linear(64, 32)
+    features = torch.tensor([3, 17, 40, 41])  # of the 64 inputs: columns of a Linear's weight, rows of a Conv1D's
+    grid = features[:, None] * 32 + torch.arange(32) if conv1d else torch.arange(32)[:, None] * 64 + features
+    indices = grid.reshape(-1)[torch.randperm(128)[:60]].sort().values
+    values = torch.randn(60, requires_grad=True)
+    x = torch.randn(2, 5, 64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        term = sparse_term(layer, x, values, csr_pattern(indices, tuple(layer.weight.shape)))
+    assert [tuple(t.shape) for t in saved] == [(2, 5, 4), (60,)]
+    term.backward(g := torch.randn(2, 5, 32))
+    expected = torch.einsum("ti,to->io" if conv1d else "ti,to->oi", x.reshape(10, 64), g.reshape(10, 32))
+    torch.testing.assert_close(values.grad, expected.reshape(-1)[indices])
 
 
 def test_an_adapted_linear_never_forms_w_plus_delta_outside_an_update_step(monkeypatch):

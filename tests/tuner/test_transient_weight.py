@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from fish_peft.tuner import sparse_terms
 from fish_peft.tuner.sparse_terms import csr_pattern
 from fish_peft.tuner.transient_weight import transient_weight_linear, dense_product_pays
 
@@ -17,8 +18,11 @@ def entry_set(numel, count, shape, generator):
     return values, indices, csr_pattern(indices, shape)
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("layer", [nn.Linear(12, 7), Conv1D(7, 12)])
-def test_outputs_and_gradients_equal_a_dense_layer_with_w_plus_delta(layer):
+def test_outputs_and_gradients_equal_a_dense_layer_with_w_plus_delta(layer, compact, monkeypatch):
+    """Also with every pattern's gradient reading x and g at its own rows and columns alone (`compact`)."""
+    monkeypatch.setattr(sparse_terms, "COMPACT_SHARE", 1.0 if compact else 0.0)
     generator = torch.Generator().manual_seed(0)
     layer = layer.double().requires_grad_(False)
     shape = tuple(layer.weight.shape)
@@ -68,6 +72,22 @@ def test_nothing_weight_sized_is_kept_for_the_backward():
     assert all(t.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr() for t in weight_sized)
     y.sum().backward()
     assert values.grad is not None and layer.weight.grad is None
+
+
+def test_a_mask_in_few_columns_keeps_only_those_columns_of_x():
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 32).requires_grad_(False)
+    columns = torch.tensor([3, 17, 40, 41])
+    indices = (torch.arange(32)[:, None] * 64 + columns).reshape(-1)[torch.randperm(128, generator=generator)[:60]]
+    indices = indices.sort().values
+    values = torch.randn(60, generator=generator).requires_grad_(True)
+    x = torch.randn(128, 64, generator=generator)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = transient_weight_linear(layer, x, layer.bias, [(values, indices, csr_pattern(indices, (32, 64)))])
+    assert [tuple(t.shape) for t in saved if t.shape[0] == 128] == [(128, 4)]
+    y.backward(g := torch.randn(128, 32, generator=generator))
+    torch.testing.assert_close(values.grad, (g.t() @ x).reshape(-1)[indices])
 
 
 def test_taken_only_where_it_is_exact_and_pays():
