@@ -1,21 +1,23 @@
 """What a FISH adapter costs per training step and per decoded token, beside LoRA, full fine-tuning and the base model.
 
-FISH is a 0.5 % random mask (`random_mask`, `--keep-ratio`); fish_w_plus_delta is the same adapter stepped with
+FISH is a 0.5 % random mask (`random_mask`, `--keep-ratio`): entries in every row and column of every matrix, its
+costliest case; fish_fisher is FISH with its own mask (`compute_fisher_mask` on the section's training batches),
+whose entries crowd into few of each matrix's columns; fish_w_plus_delta is the random-mask adapter stepped with
 `FishLayer._weight_diff_is_a_sparse_term` patched to False, i.e. through W + Δ (what a step cost before the sparse
 terms). Sections (`--sections`; `--quick` shrinks every size for the test):
 - linear_stack: 4 × Linear(1024), 256 tokens, forward + backward of the output's sum. fish (weights only),
   fish_w_plus_delta, lora (r=8, every layer), full. Time, and the bytes autograd keeps for the backward beyond the
   parameters and the input (each storage counted once).
 - minilm: the real all-MiniLM-L6-v2 (2 labels), 32 Rotten Tomatoes sentences padded to 64 tokens; a step is the
-  loss's forward + backward + AdamW step + zero_grad. fish (mask over every parameter), fish_w_plus_delta, lora_qv
-  (r=8 on query/value), lora_same_params (every Linear of the encoder, at the rank whose count of values is closest
-  to FISH's), full. Every method trains the classifier in full (FISH: the head `random_mask` keeps, inside its
-  budget; LoRA: modules_to_save).
+  loss's forward + backward + AdamW step + zero_grad. fish (mask over every parameter), fish_fisher,
+  fish_w_plus_delta, lora_qv (r=8 on query/value), lora_same_params (every Linear of the encoder, at the rank whose
+  count of values is closest to FISH's), full. Every method trains the classifier in full (FISH: the head its mask
+  keeps, inside its budget; LoRA: modules_to_save).
 - llama: a Llama-architecture causal LM of 0.25B parameters (random weights, float32), 4 × 128 random tokens,
   labels = input_ids, 3 AdamW steps. The same methods (LoRA on q_proj/v_proj, and "all-linear").
 - decoding: batch 1, adapters unmerged, eval mode, no_grad: one token through 4 × Linear(2048) (base, and fish and
   lora as in linear_stack), and greedy generation of 32 tokens after 8 with the KV cache on the llama section's
-  model (base, fish, lora_qv).
+  model (base, fish, fish_fisher, lora_qv).
 
 Time is the median over `--repeats` rounds in which the methods take turns on the same inputs (the llama section
 holds its five models at once, about 9 GB with full fine-tuning's AdamW state). Peak memory (minilm, llama)
@@ -48,11 +50,11 @@ from transformers import (
     AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM, logging,
 )
 
-from fish_peft import FishConfig, FishLayer, random_mask
+from fish_peft import FishConfig, FishLayer, compute_fisher_mask, random_mask
 from fish_peft.cli.demo_data import minilm_path, split_rotten_tomatoes
 from peak_memory import PeakMemory
 
-METHODS = ("fish", "fish_w_plus_delta", "lora_qv", "lora_same_params", "full")
+METHODS = ("fish", "fish_fisher", "fish_w_plus_delta", "lora_qv", "lora_same_params", "full")
 LORA_TARGETS = {  # section: (lora_qv's targets, lora_same_params's targets)
     "minilm": (["query", "value"], r".*\.encoder\..*\.(query|key|value|dense)"),
     "llama": (["q_proj", "v_proj"], "all-linear"),  # PEFT leaves lm_head out of "all-linear"
@@ -67,8 +69,12 @@ TARGETS = {  # the issue's limits, at their place in the report
     "linear_stack.methods.fish.saved_for_backward_mib_over_lora": 1.1,
     "minilm.methods.fish.step_ms_over_lora_qv": 1.1,
     "minilm.methods.fish.peak_mib_over_lora_qv": 1.1,
+    "minilm.methods.fish_fisher.step_ms_over_lora_qv": 1.1,
+    "minilm.methods.fish_fisher.peak_mib_over_lora_qv": 1.1,
     "llama.methods.fish.step_ms_over_lora_qv": 1.1,
     "llama.methods.fish.peak_over_loaded_mib_over_lora_qv": 1.1,
+    "llama.methods.fish_fisher.step_ms_over_lora_qv": 1.1,
+    "llama.methods.fish_fisher.peak_over_loaded_mib_over_lora_qv": 1.1,
     "decoding.linear.methods.fish.ms_over_base": 1.25,
     "decoding.generate.methods.fish.ms_per_token_over_base": 1.25,
 }
@@ -151,12 +157,12 @@ def base_model(section: str, s: Settings) -> nn.Module:
 
 
 def adapt(base: nn.Module, section: str, method: str, s: Settings, same_params_rank: Optional[int] = None):
-    """(the model `method` trains, what it trains): FISH with `random_mask`'s budget (its head, if any, counted
-    in), LoRA with the head in modules_to_save, or every parameter."""
+    """(the model `method` trains, what it trains): FISH with `random_mask`'s or the Fisher mask's budget (its head,
+    if any, counted in), LoRA with the head in modules_to_save, or every parameter."""
     qv, all_linear = LORA_TARGETS[section]
     facts = {}
     if method.startswith("fish"):
-        mask = random_mask(base, s.keep_ratio)
+        mask = fisher_mask(base, section, s) if method == "fish_fisher" else random_mask(base, s.keep_ratio)
         model = get_peft_model(base, FishConfig(mask=mask))
         facts["mask_entries"] = mask.num_selected
     elif method.startswith("lora"):
@@ -169,6 +175,14 @@ def adapt(base: nn.Module, section: str, method: str, s: Settings, same_params_r
     head = sum(n for name, n in trainable.items() if any(f"{h}." in name for h in HEADS[section]))
     facts |= {"trainable_parameters": sum(trainable.values()), "adapter_parameters": sum(trainable.values()) - head}
     return model, facts
+
+
+def fisher_mask(base: nn.Module, section: str, s: Settings):
+    """FISH's mask of `base` from the section's training batches (the llama's per-example gradients 2 at a time:
+    each is the model's size)."""
+    data = batches(section, s)
+    examples = sum(len(batch["labels"]) for batch in data)
+    return compute_fisher_mask(base, data, s.keep_ratio, num_samples=examples, chunk_size=2 if section == "llama" else 16)
 
 
 def matched_rank(section: str, s: Settings, count: int) -> int:
@@ -358,7 +372,7 @@ def minilm(s: Settings) -> dict:
     setup = {
         "model": "all-MiniLM-L6-v2, AutoModelForSequenceClassification, 2 labels", "batch": s.minilm_batch,
         "length": s.minilm_length, "data": "Rotten Tomatoes training sentences, padded/truncated to length",
-        "steps_per_round": len(data), "head": "classifier trained in full by every method (fish: random_mask's "
+        "steps_per_round": len(data), "head": "classifier trained in full by every method (fish: its mask's "
         "modules_to_save='auto', inside the 0.5 % budget; lora: modules_to_save=['classifier']; full: all)",
         "lora_same_params_targets": LORA_TARGETS["minilm"][1],
         "peak_memory": "fresh process per method, beyond the built model, adapter, optimizer and batches",
@@ -414,7 +428,7 @@ def decoding_linear(s: Settings) -> dict:
 
 def decoding_generate(s: Settings) -> dict:
     base = base_model("llama", s).eval()
-    models = {"base": base} | {m: adapt(copy.deepcopy(base), "llama", m, s)[0] for m in ("fish", "lora_qv")}
+    models = {"base": base} | {m: adapt(copy.deepcopy(base), "llama", m, s)[0] for m in ("fish", "fish_fisher", "lora_qv")}
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, s.llama[-1], (1, s.prompt), generator=generator).to(s.device)
 

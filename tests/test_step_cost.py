@@ -4,7 +4,7 @@ import json
 
 from tests.benchmark_runs import run_benchmark
 
-TRAINING = {"fish", "fish_w_plus_delta", "lora_qv", "lora_same_params", "full"}
+TRAINING = {"fish", "fish_fisher", "fish_w_plus_delta", "lora_qv", "lora_same_params", "full"}
 
 
 def test_step_cost_quick_reports_every_section_and_method():
@@ -24,12 +24,13 @@ def test_step_cost_quick_reports_every_section_and_method():
         assert fish["adapter_parameters"] == fish["mask_entries"] == rows["fish_w_plus_delta"]["adapter_parameters"]
         assert abs(rows["lora_same_params"]["adapter_parameters"] / fish["adapter_parameters"] - 1) <= 0.2, section
         assert rows["full"]["trainable_parameters"] > fish["trainable_parameters"] > 0
+        assert abs(rows["fish_fisher"]["mask_entries"] / fish["mask_entries"] - 1) <= 0.01, section
     assert report["llama"]["setup"]["parameters"] > 0 and report["llama"]["methods"]["lora_qv"]["peak_over_weights"] > 0
 
     assert set(report["decoding"]["linear"]["methods"]) == {"base", "fish", "lora"}
-    assert set(report["decoding"]["generate"]["methods"]) == {"base", "fish", "lora_qv"}
+    assert set(report["decoding"]["generate"]["methods"]) == {"base", "fish", "fish_fisher", "lora_qv"}
     assert all(row["ms"] > 0 for row in report["decoding"]["linear"]["methods"].values())
     assert all(row["ms_per_token"] > 0 for row in report["decoding"]["generate"]["methods"].values())
 
-    assert len(report["targets"]) == 8
+    assert len(report["targets"]) == 12
     assert all(isinstance(target["met"], bool) and target["value"] > 0 for target in report["targets"].values())

@@ -52,7 +52,7 @@ class DecodingTerms:
                 for name, v, i in entries
             )
             self._key, self._kept = key, [t for _, v, i in entries for t in (v, i)]
-            self._dense_from_tokens = dense_product_min_tokens(base, sum(v.numel() for _, v, _ in entries))
+            self._dense_from_tokens = dense_product_min_tokens(base)
         if x.numel() // max(x.shape[-1], 1) >= self._dense_from_tokens:
             return None
         return add_products(base(x), x, self._matrices)

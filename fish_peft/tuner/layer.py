@@ -330,7 +330,7 @@ class FishLayer(ForwardsAttributesToBaseLayer, BaseTunerLayer):
             others = {mine: others[theirs] for mine, theirs in tied.items() if theirs in others}
         entries = list(self._weight_entries())
         call = (lambda: functional_call(module, others, (x,))) if others else (lambda: module(x))
-        dense = not isinstance(module, nn.Embedding) and dense_product_pays(module, x, sum(v.numel() for v, _, _ in entries))
+        dense = not isinstance(module, nn.Embedding) and dense_product_pays(module, x)
         if dense and not torch.is_grad_enabled():
             with diff_in_place(module.weight, [(values, indices) for values, indices, _ in entries]):
                 return call()

@@ -1,9 +1,9 @@
 """A Linear's (or Conv1D's) output with W + Δ written into the frozen W for the product alone and again for the
 backward (`diff_in_place`: W's own entries written back after each), never copied: one dense product instead of
-the base product plus a sparse one. On CPU that is the faster way once the tokens times the diff's entries reach
-about half the weight's size (a sparse product then reads a row of tokens per entry); below that, and for decoding,
-`sparse_terms` is faster. Only for float32/float64 weights outside autocast: a low-precision W + Δ would round the
-diff away. Like `diff_in_place` itself, not for one model run by several threads at once."""
+the base product plus a sparse one. On CPU that is the faster way in training at any token count, and without
+autograd from a few dozen tokens on; decoding a token is faster with `sparse_terms`. Only for float32/float64
+weights outside autocast: a low-precision W + Δ would round the diff away. Like `diff_in_place` itself, not for one
+model run by several threads at once."""
 
 from __future__ import annotations
 
@@ -14,27 +14,28 @@ from transformers.pytorch_utils import Conv1D
 from fish_peft.tuner.diff_in_place import diff_in_place
 from fish_peft.tuner.sparse_terms import CsrPattern, sampled_gradient
 
-TRANSIENT_WEIGHT_MIN_FILL = 0.5
-"""Tokens × entries, as a share of the weight's size, from which the transient W + Δ pays (measured on CPU:
-Linear(1024) and Linear(2048) at 0.5 %, 16 to 2048 tokens)."""
+DENSE_PRODUCT_MIN_TOKENS = {True: 1, False: 32}
+"""With autograd (True) and without (False), the tokens from which the product with W + Δ pays. Measured on CPU,
+Linear(384→1536) to Linear(1024→32000), 100 entries to 0.5 % of the weight: in training it was the faster from 1
+token (2–3x at 2048: the sparse term writes a tokens × outputs product and adds it transposed); without autograd the
+sparse term was faster up to 8–16 tokens, level at 16–64, and 1.3–2x slower from 256."""
 
 
-def dense_product_pays(layer: nn.Module, x: torch.Tensor, entry_count: int) -> bool:
+def dense_product_pays(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether one product with W + Δ (`transient_weight_linear`, or `diff_in_place` without gradients) is the
-    faster and exact way for this layer and input: many tokens, a float32/float64 weight outside autocast, and never
-    a weight that trains itself (the product gives W no gradient)."""
+    faster and exact way for this layer and input: enough tokens, a float32/float64 weight outside autocast, and
+    never a weight that trains itself (the product gives W no gradient)."""
     if layer.weight.requires_grad or torch.is_autocast_enabled(x.device.type):
         return False
-    return x.numel() // max(x.shape[-1], 1) >= dense_product_min_tokens(layer, entry_count)
+    return x.numel() // max(x.shape[-1], 1) >= dense_product_min_tokens(layer)
 
 
-def dense_product_min_tokens(layer: nn.Module, entry_count: int) -> float:
-    """The tokens from which one product with W + Δ is faster than the sparse terms (inf for a weight below
-    float32, which W + Δ would round)."""
-    weight = layer.weight
-    if weight.dtype not in (torch.float32, torch.float64):
+def dense_product_min_tokens(layer: nn.Module) -> float:
+    """The tokens from which one product with W + Δ is faster than the sparse terms, with autograd or without as
+    it is now (inf for a weight below float32, which W + Δ would round)."""
+    if layer.weight.dtype not in (torch.float32, torch.float64):
         return float("inf")
-    return TRANSIENT_WEIGHT_MIN_FILL * weight.numel() / max(entry_count, 1)
+    return DENSE_PRODUCT_MIN_TOKENS[torch.is_grad_enabled()]
 
 
 def transient_weight_linear(

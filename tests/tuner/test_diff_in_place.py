@@ -47,7 +47,7 @@ def test_the_entries_kept_by_one_call_write_the_same_weight_in_a_later_call():
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 def test_calls_without_gradients_equal_w_plus_delta_and_leave_the_base_untouched(build, monkeypatch):
-    monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", 0.0)  # every Linear/Conv1D call in place
+    monkeypatch.setattr(transient_weight, "DENSE_PRODUCT_MIN_TOKENS", {True: 0, False: 0})  # every Linear/Conv1D call in place
     base = build()
     mask = random_mask(base, 0.1, seed=0)
     reference = copy.deepcopy(base)

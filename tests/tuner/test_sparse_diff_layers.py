@@ -52,7 +52,8 @@ def weight_path(request, monkeypatch):
     transient W + Δ (which the layers pick by the number of tokens)."""
     from fish_peft.tuner import transient_weight
 
-    monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", float("inf") if request.param == "sparse_term" else 0.0)
+    tokens = float("inf") if request.param == "sparse_term" else 0
+    monkeypatch.setattr(transient_weight, "DENSE_PRODUCT_MIN_TOKENS", {True: tokens, False: tokens})
     return request.param
 
 

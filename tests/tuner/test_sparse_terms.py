@@ -110,7 +110,7 @@ def test_an_adapted_linear_never_forms_w_plus_delta_outside_an_update_step(monke
     from fish_peft import FishConfig, random_mask
     from fish_peft.tuner import transient_weight
 
-    monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", float("inf"))
+    monkeypatch.setattr(transient_weight, "DENSE_PRODUCT_MIN_TOKENS", {True: float("inf"), False: float("inf")})
 
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     mask = random_mask(model, 0.1, modules_to_save=[], eligible=r"weight$")
@@ -160,7 +160,7 @@ def _sparse_term_path_only(monkeypatch):
     """Force the sparse-term path, and fail on any index_add of a tensor larger than a bias: W + Δ formed."""
     from fish_peft.tuner import transient_weight
 
-    monkeypatch.setattr(transient_weight, "TRANSIENT_WEIGHT_MIN_FILL", float("inf"))
+    monkeypatch.setattr(transient_weight, "DENSE_PRODUCT_MIN_TOKENS", {True: float("inf"), False: float("inf")})
     original = torch.Tensor.index_add
 
     def index_add(self, *args, **kwargs):
