@@ -52,6 +52,7 @@ class CsrPattern(NamedTuple):
 
     @property
     def sampled_shape(self) -> tuple[int, int]:
+        """The shape of `sampled_crow`/`sampled_cols`' matrix: the kept rows by the kept columns."""
         rows, columns = self.shape
         return (
             rows if self.kept_rows is None else self.kept_rows.numel(),
