@@ -14,13 +14,14 @@ terms). Sections (`--sections`; `--quick` shrinks every size for the test):
   count of values is closest to FISH's), full. Every method trains the classifier in full (FISH: the head its mask
   keeps, inside its budget; LoRA: modules_to_save).
 - llama: a Llama-architecture causal LM of 0.25B parameters (random weights, float32), 4 × 128 random tokens,
-  labels = input_ids, 3 AdamW steps. The same methods (LoRA on q_proj/v_proj, and "all-linear").
+  labels = input_ids, 3 AdamW steps. The same methods (LoRA on q_proj/v_proj, and "all-linear"), and fish and
+  lora_qv with activation checkpointing (non-reentrant, every decoder layer), as TRL's SFTConfig runs by default.
 - decoding: batch 1, adapters unmerged, eval mode, no_grad: one token through 4 × Linear(2048) (base, and fish and
   lora as in linear_stack), and greedy generation of 32 tokens after 8 with the KV cache on the llama section's
   model (base, fish, fish_fisher, lora_qv).
 
 Time is the median over `--repeats` rounds in which the methods take turns on the same inputs (the llama section
-holds its five models at once, about 9 GB with full fine-tuning's AdamW state). Peak memory (minilm, llama)
+holds its eight models at once, about 11 GB with full fine-tuning's AdamW state). Peak memory (minilm, llama)
 is measured in a fresh process per method (forked from a server that has only imported the libraries), beyond what
 it holds once the model, adapter, optimizer and batches are built: on CPU the peak resident set (VmHWM, reset
 through /proc/self/clear_refs, glibc's mmap threshold fixed at 64 KiB so that it follows live memory) less the
@@ -55,6 +56,8 @@ from fish_peft.cli.demo_data import minilm_path, split_rotten_tomatoes
 from peak_memory import PeakMemory
 
 METHODS = ("fish", "fish_fisher", "fish_w_plus_delta", "lora_qv", "lora_same_params", "full")
+CHECKPOINTED = ("fish_checkpointed", "lora_qv_checkpointed")  # the llama's, with activation checkpointing
+SECTION_METHODS = {"minilm": METHODS, "llama": METHODS + CHECKPOINTED}
 LORA_TARGETS = {  # section: (lora_qv's targets, lora_same_params's targets)
     "minilm": (["query", "value"], r".*\.encoder\..*\.(query|key|value|dense)"),
     "llama": (["q_proj", "v_proj"], "all-linear"),  # PEFT leaves lm_head out of "all-linear"
@@ -159,6 +162,10 @@ def base_model(section: str, s: Settings) -> nn.Module:
 def adapt(base: nn.Module, section: str, method: str, s: Settings, same_params_rank: Optional[int] = None):
     """(the model `method` trains, what it trains): FISH with `random_mask`'s or the Fisher mask's budget (its head,
     if any, counted in), LoRA with the head in modules_to_save, or every parameter."""
+    if method in CHECKPOINTED:
+        model, facts = adapt(base, section, method.removesuffix("_checkpointed"), s, same_params_rank)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model, facts
     qv, all_linear = LORA_TARGETS[section]
     facts = {}
     if method.startswith("fish"):
@@ -287,7 +294,7 @@ def in_fresh_processes(section: str, s: Settings) -> dict[str, dict]:
     """measure_training of every method, fish first: lora_same_params's rank is matched to fish's count."""
     results = {"fish": in_fresh_process(measure_training, section, "fish", s, None)}
     rank = matched_rank(section, s, results["fish"]["facts"]["adapter_parameters"])
-    for method in METHODS[1:]:
+    for method in SECTION_METHODS[section][1:]:
         results[method] = in_fresh_process(measure_training, section, method, s, rank)
     return results
 
@@ -355,7 +362,7 @@ def linear_stack(s: Settings) -> dict:
 
 def interleaved_step_ms(section: str, s: Settings, rank: int, data: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Milliseconds of one step of each method, its models held at once and taking turns over `data`."""
-    trainings = [Training(method, adapt(base_model(section, s), section, method, s, rank)[0]) for method in METHODS]
+    trainings = [Training(method, adapt(base_model(section, s), section, method, s, rank)[0]) for method in SECTION_METHODS[section]]
     times = interleaved({t.method: lambda t=t: [t.step(batch) for batch in data] for t in trainings}, s)
     return {method: round(1000 * seconds / len(data), 1) for method, seconds in times.items()}
 
@@ -395,6 +402,9 @@ def llama(s: Settings) -> dict:
             **result["facts"],
         }
     rows = against_both_loras(rows, "peak_over_loaded_mib")
+    fish, lora = rows["fish_checkpointed"], rows["lora_qv_checkpointed"]
+    for key in ("step_ms", "peak_over_loaded_mib"):
+        fish[f"{key}_over_lora_qv_checkpointed"] = round(fish[key] / lora[key], 3)
     hidden, layers, heads, kv_heads, intermediate, vocab = s.llama
     setup = {
         "model": "LlamaForCausalLM, random weights, float32", "parameters": parameters,

@@ -18,7 +18,7 @@ def test_step_cost_quick_reports_every_section_and_method():
 
     for section, peak in [("minilm", "peak_mib"), ("llama", "peak_over_loaded_mib")]:
         rows = report[section]["methods"]
-        assert set(rows) == TRAINING, section
+        assert set(rows) == TRAINING | ({"fish_checkpointed", "lora_qv_checkpointed"} if section == "llama" else set())
         assert all(row["step_ms"] > 0 and row[peak] > 0 for row in rows.values()), section
         fish = rows["fish"]
         assert fish["adapter_parameters"] == fish["mask_entries"] == rows["fish_w_plus_delta"]["adapter_parameters"]
