@@ -189,7 +189,7 @@ def _tokens_with_gradient(flat: torch.Tensor, grad: torch.Tensor) -> tuple[torch
     tokens = grad.shape[0]
     if grad.numel() == 0 or int(((grad[:, 0] == 0) & (grad[:, -1] == 0)).sum()) < SILENT_SHARE * tokens:
         return flat, grad  # two columns rule out most rows: a batch without padding is not read in full
-    silent = grad.abs().amax(1) == 0  # NaN and inf rows are not silent
+    silent = (grad.amax(1) == 0) & (grad.amin(1) == 0)  # two reads, no |grad| written; NaN rows are not silent
     live = (~silent).nonzero().squeeze(1)
     dropped = tokens - live.numel()
     if dropped < SILENT_SHARE * tokens:
