@@ -41,9 +41,12 @@ def test_the_sparse_term_equals_a_dense_layer_with_w_plus_delta(layer):
 @pytest.mark.parametrize("tokens", [0, 5, 2 * CPU_MIN_BLOCK, 33 * CPU_MIN_BLOCK + 17])
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("spread", ["scattered", "few rows and columns"])
-def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tokens, conv1d, spread):
-    """In one product (few tokens) or summed over blocks of tokens, with a remainder (many); with entries all over
-    the weight, or in a few of its rows and columns (the product then reads x and g there alone)."""
+@pytest.mark.parametrize("product", ["sampled", "dense"])
+def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tokens, conv1d, spread, product, monkeypatch):
+    """Sampled in one product (few tokens) or summed over blocks of tokens, with a remainder (many), or read from
+    the dense product; with entries all over the weight, or in a few of its rows and columns (x and g then read
+    there alone)."""
+    monkeypatch.setattr(sparse_terms, "DENSE_GRADIENT_FILL", 0.0 if product == "dense" else float("inf"))
     torch.manual_seed(0)
     rows, columns = 24, 40
     if spread == "scattered":
@@ -53,6 +56,7 @@ def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tok
         indices = grid[torch.randperm(grid.numel())[:12]].sort().values
     pattern = csr_pattern(indices, (rows, columns))
     assert (pattern.kept_rows is None) == (spread == "scattered") == (pattern.kept_cols is None)
+    assert (pattern.dense_positions is None) == (product == "sampled")
     left = torch.randn(tokens, rows, dtype=torch.float64)
     right = torch.randn(tokens, columns, dtype=torch.float64)
     x, grad = (left, right) if conv1d else (right, left)
@@ -95,8 +99,10 @@ def test_a_mask_in_few_features_keeps_only_those_features_of_the_input(conv1d):
     values = torch.randn(60, requires_grad=True)
     x = torch.randn(2, 5, 64)
     saved = []
+    pattern = csr_pattern(indices, tuple(layer.weight.shape))
+    assert pattern.dense_positions is not None  # 60 entries fill 47 % of their 32 × 4 block: gᵀx there is cheaper
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        term = sparse_term(layer, x, values, csr_pattern(indices, tuple(layer.weight.shape)))
+        term = sparse_term(layer, x, values, pattern)
     assert [tuple(t.shape) for t in saved] == [(2, 5, 4), (60,)]
     term.backward(g := torch.randn(2, 5, 32))
     expected = torch.einsum("ti,to->io" if conv1d else "ti,to->oi", x.reshape(10, 64), g.reshape(10, 32))

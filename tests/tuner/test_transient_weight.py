@@ -18,11 +18,13 @@ def entry_set(numel, count, shape, generator):
     return values, indices, csr_pattern(indices, shape)
 
 
-@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("gradient", ["sampled", "sampled in the kept rows and columns", "dense"])
 @pytest.mark.parametrize("layer", [nn.Linear(12, 7), Conv1D(7, 12)])
-def test_outputs_and_gradients_equal_a_dense_layer_with_w_plus_delta(layer, compact, monkeypatch):
-    """Also with every pattern's gradient reading x and g at its own rows and columns alone (`compact`)."""
-    monkeypatch.setattr(sparse_terms, "COMPACT_SHARE", 1.0 if compact else 0.0)
+def test_outputs_and_gradients_equal_a_dense_layer_with_w_plus_delta(layer, gradient, monkeypatch):
+    """With the values' gradients sampled at the entries (reading x and g at all rows and columns, or at the kept
+    ones alone), or read from the dense product."""
+    monkeypatch.setattr(sparse_terms, "COMPACT_SHARE", 1.0 if "kept" in gradient else 0.0)
+    monkeypatch.setattr(sparse_terms, "DENSE_GRADIENT_FILL", 0.0 if gradient == "dense" else float("inf"))
     generator = torch.Generator().manual_seed(0)
     layer = layer.double().requires_grad_(False)
     shape = tuple(layer.weight.shape)
