@@ -68,8 +68,10 @@ def test_the_values_gradient_equals_the_dense_weight_gradient_at_the_entries(tok
 
 @pytest.mark.parametrize("silent", [0.2, 0.7])
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_tokens_without_gradient_are_left_out_and_the_values_gradient_is_unchanged(silent, conv1d, monkeypatch):
+@pytest.mark.parametrize("product", ["sampled", "dense"])
+def test_tokens_without_gradient_are_left_out_and_the_values_gradient_is_unchanged(silent, conv1d, product, monkeypatch):
     """Padding-like tokens (an all-zero output gradient) are dropped; a NaN or inf gradient row is not silent."""
+    monkeypatch.setattr(sparse_terms, "DENSE_GRADIENT_FILL", 0.0 if product == "dense" else float("inf"))
     torch.manual_seed(0)
     rows, columns, tokens = 24, 40, 20 * CPU_MIN_BLOCK + 3
     indices = torch.randperm(rows * columns)[:50].sort().values
@@ -80,13 +82,14 @@ def test_tokens_without_gradient_are_left_out_and_the_values_gradient_is_unchang
     grad[1], grad[2] = 0.0, 0.0
     grad[1, 3], grad[2, 5] = float("nan"), float("inf")
     seen = []
-    product = sparse_terms._sampled_product
-    monkeypatch.setattr(sparse_terms, "_sampled_product", lambda p, a, b, **k: seen.append(a.shape[0]) or product(p, a, b, **k))
+    original = sparse_terms._sampled_product
+    monkeypatch.setattr(sparse_terms, "_sampled_product", lambda p, a, b, **k: seen.append(a.shape[0]) or original(p, a, b, **k))
     got = sampled_gradient(csr_pattern(indices, (rows, columns)), x, grad, conv1d)
     torch.testing.assert_close(got, (left.t() @ right).reshape(-1)[indices], equal_nan=True)
     assert got.isnan().any() and got.isinf().any()
     live = int((grad != 0).any(1).sum())
-    assert sum(seen) == (tokens if live > 7 / 8 * tokens else -(-live // CPU_MIN_BLOCK) * CPU_MIN_BLOCK)
+    sampled = tokens if live > 7 / 8 * tokens else -(-live // CPU_MIN_BLOCK) * CPU_MIN_BLOCK
+    assert sum(seen) == (sampled if product == "sampled" else 0)
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
