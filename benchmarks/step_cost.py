@@ -362,7 +362,9 @@ def linear_stack(s: Settings) -> dict:
 
 def interleaved_step_ms(section: str, s: Settings, rank: int, data: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Milliseconds of one step of each method, its models held at once and taking turns over `data`."""
-    trainings = [Training(method, adapt(base_model(section, s), section, method, s, rank)[0]) for method in SECTION_METHODS[section]]
+    trainings = [
+        Training(method, adapt(base_model(section, s), section, method, s, rank)[0]) for method in SECTION_METHODS[section]
+    ]
     times = interleaved({t.method: lambda t=t: [t.step(batch) for batch in data] for t in trainings}, s)
     return {method: round(1000 * seconds / len(data), 1) for method, seconds in times.items()}
 

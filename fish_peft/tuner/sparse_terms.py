@@ -31,7 +31,8 @@ matrices to 17 %)."""
 class CsrPattern(NamedTuple):
     """Where a weight's k entries sit, as a CSR matrix of the weight's `shape` (sorted flat indices are CSR order)
     and of its transpose, whose entries hold the values `values[order_t]`; and, for the values' gradient, the rows
-    and columns that hold entries where they are few (`COMPACT_SHARE`; None: all) with the entries' CSR among them,
+    and columns that hold entries where they are few (`COMPACT_SHARE`; None: all) with the entries' CSR among them
+    (`sampled_shape`: the kept rows by the kept columns),
     and the entries' flat positions in that block where they fill it (`DENSE_GRADIENT_FILL`; else None)."""
 
     shape: tuple[int, int]
@@ -44,6 +45,7 @@ class CsrPattern(NamedTuple):
     kept_cols: Optional[torch.Tensor]
     sampled_crow: torch.Tensor
     sampled_cols: torch.Tensor
+    sampled_shape: tuple[int, int]
     dense_positions: Optional[torch.Tensor]
 
     def matrix(self, values: torch.Tensor, transposed: bool = False) -> torch.Tensor:
@@ -57,15 +59,6 @@ class CsrPattern(NamedTuple):
         for Conv1D's in × out weight), or all of x."""
         kept = self.kept_rows if conv1d else self.kept_cols
         return x if kept is None else x.index_select(-1, kept)
-
-    @property
-    def sampled_shape(self) -> tuple[int, int]:
-        """The shape of `sampled_crow`/`sampled_cols`' matrix: the kept rows by the kept columns."""
-        rows, columns = self.shape
-        return (
-            rows if self.kept_rows is None else self.kept_rows.numel(),
-            columns if self.kept_cols is None else self.kept_cols.numel(),
-        )
 
 
 def csr_pattern(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> CsrPattern:
@@ -86,7 +79,7 @@ def csr_pattern(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> CsrPatter
         dense_positions = sampled_rows.long() * block_cols + sampled_cols.long()
     return CsrPattern(
         (shape[0], shape[1]), crow, cols, crow_t, rows[order_t], order_t, kept_rows, kept_cols, sampled_crow,
-        sampled_cols, dense_positions,
+        sampled_cols, (block_rows, block_cols), dense_positions,
     )
 
 
