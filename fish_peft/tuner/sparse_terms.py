@@ -32,8 +32,8 @@ class CsrPattern(NamedTuple):
     """Where a weight's k entries sit, as a CSR matrix of the weight's `shape` (sorted flat indices are CSR order)
     and of its transpose, whose entries hold the values `values[order_t]`; and, for the values' gradient, the rows
     and columns that hold entries where they are few (`COMPACT_SHARE`; None: all) with the entries' CSR among them
-    (`sampled_shape`: the kept rows by the kept columns),
-    and the entries' flat positions in that block where they fill it (`DENSE_GRADIENT_FILL`; else None)."""
+    (`sampled_shape`: the kept rows by the kept columns), and the entries' flat positions in that block where they
+    fill it (`DENSE_GRADIENT_FILL`; else None)."""
 
     shape: tuple[int, int]
     crow: torch.Tensor
