@@ -8,42 +8,38 @@ which reads no weight entries at random. It writes through `.data`, so autograd'
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 
 
-@contextmanager
 def diff_in_place(
     weight: torch.Tensor,
     entries: list[tuple[torch.Tensor, torch.Tensor]],
     originals: Optional[list[torch.Tensor]] = None,
-) -> Iterator[list[torch.Tensor]]:
+) -> ContextManager[list[torch.Tensor]]:
     """Inside the block, `weight` holds W plus every (values, flat indices) entry set; on leaving (an error
     included), exactly W again: the entries it held are kept and written back, not subtracted. Yields those kept
     entries, one tensor per set; giving them back as `originals` to a later call on the same unchanged W and indices
     skips reading them again (entries of a large weight are read at random, out of the cache)."""
-    flat = weight.data.view(-1)
-    kept = []
-    try:
-        for i, (values, indices) in enumerate(entries):
-            kept.append(_write(flat, values, indices, None if originals is None else originals[i]))
-        yield [original for _, original in kept]
-    finally:
-        for where, original in reversed(kept):
-            flat[where] = original
+    return diffs_in_place([(weight, entries)], originals)
 
 
 @contextmanager
-def diffs_in_place(diffs: list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]) -> Iterator[None]:
+def diffs_in_place(
+    diffs: list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]],
+    originals: Optional[list[torch.Tensor]] = None,
+) -> Iterator[list[torch.Tensor]]:
     """`diff_in_place` for several (weight, entries) at once, in one block (a norm's call without autograd pays
-    for every Python operation)."""
+    for every Python operation); the kept entries and `originals` run over every weight's sets in order."""
     written = []
     try:
         for weight, entries in diffs:
             flat = weight.data.view(-1)
-            written.extend((flat, *_write(flat, values, indices)) for values, indices in entries)
-        yield
+            for values, indices in entries:
+                original = None if originals is None else originals[len(written)]
+                written.append((flat, *_write(flat, values, indices, original)))
+        yield [original for _, _, original in written]
     finally:
         for flat, where, original in reversed(written):
             flat[where] = original
